@@ -1,0 +1,165 @@
+"""Typed config schemas, registered with Hydra's ConfigStore.
+
+YAML under `conf/` only picks presets and overrides values; every key a user can set is declared
+here with a comment on what it means. Checks that need no data or model (cheap) live in
+`check_*` functions so every entry point can run them before any expensive work.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A user's mistake in the config or inputs; the CLI prints it as one line and exits non-zero.
+
+    The message starts with the config key to fix, e.g. `data.path: no such file: ...`.
+    """
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small"
+    """Preset name (informational; pick presets with `model=<name>`)."""
+    path: Optional[str] = None
+    """Local Hugging Face checkpoint directory (or hub name); when set the preset shape is ignored."""
+    family: str = "llama"
+    """transformers `model_type` used to build a model from the shape below."""
+    hidden_size: int = 384
+    intermediate_size: int = 1024
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    attn_implementation: str = "auto"
+    """`auto` picks flash_attention_2 when flash-attn imports and a GPU is present, else sdpa."""
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    """A .txt / .jsonl / .parquet file or a directory of them. With `name` unset too: embedded corpus."""
+    name: Optional[str] = None
+    """A `datasets` hub name or a directory written by `Dataset.save_to_disk`."""
+    split: str = "train"
+    """Split to read from a `datasets` source."""
+    text_field: str = "text"
+    """Column / JSON key that holds the document text."""
+    tokenizer: Optional[str] = None
+    """Hugging Face tokenizer directory or name; unset: train a byte-level BPE on the train split."""
+    vocab_size: int = 4096
+    """Vocabulary size of a trained tokenizer."""
+    seq_len: int = 256
+    """Tokens per packed block (documents are concatenated with EOS between them)."""
+    val_fraction: float = 0.02
+    """Fraction of documents held out for validation (by a hash of the document, not its position)."""
+    max_bytes: Optional[int] = None
+    """Read documents until this many bytes of text; unset reads all."""
+    cache_dir: Optional[str] = None
+    """Where tokenised data is cached; unset: $MINITRON_CACHE or ~/.cache/minitron."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all ranks; gradient accumulation makes up the rest."""
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+    precision: str = "fp32"
+    """fp32 or bf16."""
+    eval_every: int = 50
+    """Validation loss every N steps (and at the end)."""
+    eval_blocks: int = 64
+    """Validation blocks used per evaluation (the same blocks every time, whatever the rank count)."""
+    save_every: int = 100
+    """DeepSpeed checkpoint every N steps (0: never)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep on disk."""
+    log_every: int = 1
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_optimization: Dict[str, Any] = field(default_factory=lambda: {"stage": 0})
+    """DeepSpeed's `zero_optimization` section, verbatim."""
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Any other DeepSpeed config keys, merged over the ones minitron derives from `train`."""
+
+
+@dataclass
+class WandbConfig:
+    project: str = "minitron"
+    entity: Optional[str] = None
+    mode: str = "offline"
+    """offline (default: needs no network), online, or disabled."""
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"
+    """wandb or none."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainJobConfig:
+    output_dir: str = "runs/train"
+    seed: int = 0
+    resume: str = "auto"
+    """auto: continue from the newest checkpoint in output_dir if there is one; never: start fresh."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainJobConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+def check_train_config(cfg: TrainJobConfig, world_size: int) -> None:
+    """Checks that need neither data nor model weights; raise ConfigError naming the key."""
+    t = cfg.train
+    if t.max_steps < 1:
+        raise ConfigError(f"train.max_steps: must be at least 1, got {t.max_steps}")
+    if t.micro_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size: must be at least 1, got {t.micro_batch_size}")
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size < per_step or t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size}) x {world_size} process(es) = {per_step}")
+    if t.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision: must be fp32 or bf16, got {t.precision!r}")
+    if cfg.resume not in ("auto", "never"):
+        raise ConfigError(f"resume: must be auto or never, got {cfg.resume!r}")
+    if cfg.logger.backend not in ("wandb", "none"):
+        raise ConfigError(f"logger: must be wandb or none, got {cfg.logger.backend!r}")
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len: must be at least 2, got {cfg.data.seq_len}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.data.path and cfg.data.name:
+        raise ConfigError("data.path: set either data.path or data.name, not both")
+    stage = cfg.deepspeed.zero_optimization.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_optimization.stage: must be 0-3, got {stage}")

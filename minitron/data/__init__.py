@@ -1,0 +1,1 @@
+"""Corpus loading, tokenizers, packing into blocks, and the resumable sampler."""

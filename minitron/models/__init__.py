@@ -1,0 +1,1 @@
+"""Model building and loading, attention choice, and parameter counting."""

@@ -1,0 +1,1 @@
+"""The one training loop, its schedule, checkpoints, tracking and the training job."""

@@ -1,0 +1,124 @@
+"""The training job: check inputs, build data and model, run the loop, export, summarise.
+
+Everything that can be checked without data or weights is checked first, so a user's mistake
+costs seconds, not a tokenisation pass or a model build.
+"""
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+from minitron.config import ConfigError, TrainJobConfig, check_train_config
+from minitron.data.corpus import check_source
+from minitron.data.packing import build_or_load
+from minitron.data.sampler import BlockSampler
+from minitron.dist.engine import deepspeed_config, gathered_parameters, initialize
+from minitron.dist.gang import init_gang, world_size_from_env
+from minitron.models.build import build_model, count_params, max_positions, resolve_hf_config
+from minitron.train import checkpoint
+from minitron.train.loop import lm_loss, train_loop
+from minitron.train.schedule import build_optimizer
+from minitron.train.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+
+def check_inputs(cfg: TrainJobConfig, world_size: int):
+    """Cheap checks; returns the model's transformers config (vocab size still a placeholder for
+    presets, which take the tokenizer's)."""
+    check_train_config(cfg, world_size)
+    check_source(cfg.data)
+    hf_config = resolve_hf_config(cfg.model, vocab_size=cfg.data.vocab_size)
+    limit = max_positions(hf_config)
+    if cfg.data.seq_len > limit:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's maximum positions ({limit})")
+    if cfg.model.path and not cfg.data.tokenizer:
+        if not any((Path(cfg.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
+        cfg.data.tokenizer = cfg.model.path
+    return hf_config
+
+
+def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
+    hf_config = check_inputs(cfg, world_size_from_env())
+    gang = init_gang()
+    out = Path(cfg.output_dir)
+    if gang.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
+
+    data = build_or_load(cfg.data, gang)
+    tokenizer = data.tokenizer()
+    if cfg.model.path:
+        if len(tokenizer) > hf_config.vocab_size:
+            raise ConfigError(f"data.tokenizer: {len(tokenizer)} tokens do not fit the model's "
+                              f"vocabulary of {hf_config.vocab_size}")
+    else:
+        hf_config = resolve_hf_config(cfg.model, vocab_size=len(tokenizer))
+    params = count_params(hf_config)
+    log.info("model: %s parameters; data: %d train / %d val blocks of %d tokens (cache %s)",
+             f"{params:,}", len(data.train), len(data.val), cfg.data.seq_len, data.cache_dir)
+
+    model = build_model(cfg.model, hf_config, seed=cfg.seed)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    engine = initialize(model, optimizer, scheduler,
+                        deepspeed_config(cfg.train, cfg.deepspeed, gang.world_size))
+
+    ckpt_root = out / "checkpoints"
+    start_step = 0
+    if cfg.resume == "auto":
+        start_step = checkpoint.load_latest(engine, ckpt_root, gang.rank) or 0
+        if start_step:
+            log.info("resumed from %s at step %d", ckpt_root, start_step)
+
+    tracker = make_tracker(cfg.logger, out, {"params": params}, gang.rank)
+    sampler = BlockSampler(data.train, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                           gang.rank, gang.world_size, cfg.seed)
+    result = train_loop(
+        engine, lm_loss, sampler, data.val, cfg.train, gang, tracker, start_step,
+        save_checkpoint=lambda step: checkpoint.save(engine, ckpt_root, step, gang.rank,
+                                                     cfg.train.keep_checkpoints),
+        device=engine.device)
+
+    model_dir = export_model(engine, tokenizer, out / "model", gang)
+    summary = {
+        "val_loss": result.val_loss,
+        "val_ppl": math.exp(min(result.val_loss, 50.0)),
+        "train_loss": result.train_loss,
+        "params": params,
+        "tokens_seen": result.tokens_seen,
+        "steps": result.steps,
+        "tokens_per_s": result.tokens_per_s,
+        "world_size": gang.world_size,
+        "attn_implementation": engine.module.config._attn_implementation,
+        "output_model": str(model_dir.resolve()),
+    }
+    tracker.log({"final/val_loss": summary["val_loss"], "final/val_ppl": summary["val_ppl"]}, step=result.steps)
+    tracker.finish()
+    if gang.rank == 0:
+        write_json_atomic(out / "summary.json", summary)
+    gang.barrier()
+    return summary
+
+
+def export_model(engine, tokenizer, model_dir: Path, gang) -> Path:
+    """A plain transformers checkpoint (safetensors + tokenizer), renamed into place only once
+    complete so a crash never leaves a directory that looks finished."""
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
+    with gathered_parameters(engine):
+        if gang.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            engine.module.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(model_dir, ignore_errors=True)
+            os.replace(tmp, model_dir)
+    gang.barrier()
+    return model_dir
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

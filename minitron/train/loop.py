@@ -1,0 +1,107 @@
+"""The one training loop. It knows nothing about what is trained or how the loss is made:
+`loss_fn(model, input_ids) -> (loss, extras)` is passed in, so distillation reuses this loop
+unchanged. The engine is duck-typed (DeepSpeed's: backward / step / save_checkpoint)."""
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from minitron.config import ConfigError, TrainConfig
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor], Tuple[torch.Tensor, Dict[str, float]]]
+
+
+def lm_loss(model, input_ids: torch.Tensor):
+    """Next-token cross-entropy (transformers shifts the labels inside the model)."""
+    return model(input_ids=input_ids, labels=input_ids).loss, {}
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    tokens_seen: int
+    train_loss: float
+    val_loss: float
+    tokens_per_s: float
+
+
+def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: TrainConfig, gang,
+               tracker, start_step: int, save_checkpoint: Callable[[int], None],
+               device: torch.device) -> LoopResult:
+    seq_len = sampler.blocks.shape[1]
+    tokens_per_step = cfg.global_batch_size * seq_len
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=gang.rank != 0, desc="train",
+               dynamic_ncols=True)
+    train_loss, val_loss = float("nan"), float("nan")
+    timed_tokens, timed_seconds = 0, 0.0
+    for step in range(start_step, cfg.max_steps):
+        engine.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros(())
+        for micro in range(sampler.accumulation_steps):
+            input_ids = sampler.micro_batch(step, micro).to(device)
+            loss, extras = loss_fn(engine, input_ids)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+            loss_sum += loss.detach().float().cpu()
+        # One small all-reduce per step for logging: the mean loss over the whole global batch.
+        train_loss = (gang.all_reduce_sum(loss_sum) / (sampler.accumulation_steps * gang.world_size)).item()
+        if not math.isfinite(train_loss):
+            raise ConfigError(f"train.lr: the loss became {train_loss} at step {step + 1}; "
+                              "lower train.lr or use train.precision=fp32")
+        dt = time.perf_counter() - t0
+        if step > start_step:  # the first step pays one-off warm-up costs
+            timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + dt
+        done = step + 1
+        metrics = {"train/loss": train_loss, "train/lr": engine.get_lr()[0],
+                   "train/grad_norm": _grad_norm(engine), "train/tokens_per_s": tokens_per_step / dt,
+                   "train/tokens_seen": done * tokens_per_step}
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            val_loss = evaluate(engine, val_blocks, cfg.micro_batch_size, gang, device, cfg.eval_blocks)
+            metrics.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
+        if done % cfg.log_every == 0 or "val/loss" in metrics:
+            tracker.log(metrics, step=done)
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+            save_checkpoint(done)
+    bar.close()
+    if math.isnan(val_loss):
+        val_loss = evaluate(engine, val_blocks, cfg.micro_batch_size, gang, device, cfg.eval_blocks)
+    return LoopResult(steps=cfg.max_steps, tokens_seen=cfg.max_steps * tokens_per_step,
+                      train_loss=train_loss, val_loss=val_loss,
+                      tokens_per_s=timed_tokens / timed_seconds if timed_seconds else float("nan"))
+
+
+@torch.no_grad()
+def evaluate(model, val_blocks: np.ndarray, micro_batch_size: int, gang, device: torch.device,
+             max_blocks: Optional[int] = None) -> float:
+    """Mean next-token loss over the validation blocks, sharded over ranks. Every rank runs the
+    same number of forward passes (ZeRO-3 gathers weights collectively in each one); padding rows
+    carry weight 0."""
+    count = len(val_blocks) if max_blocks is None else min(len(val_blocks), max_blocks)
+    per_rank = math.ceil(count / gang.world_size)
+    mine = np.arange(gang.rank, count, gang.world_size)
+    weights = np.concatenate([np.ones(len(mine)), np.zeros(per_rank - len(mine))])
+    rows = np.concatenate([mine, np.zeros(per_rank - len(mine), dtype=np.int64)]).astype(np.int64)
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, per_rank, micro_batch_size):
+        idx = rows[start:start + micro_batch_size]
+        input_ids = torch.from_numpy(np.asarray(val_blocks[idx], dtype=np.int64)).to(device)
+        logits = model(input_ids=input_ids).logits[:, :-1]
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+        w = torch.from_numpy(weights[start:start + micro_batch_size])
+        total += torch.stack([(per_token.mean(1).double().cpu() * w).sum(), w.sum()])
+    total = gang.all_reduce_sum(total)
+    return (total[0] / total[1]).item()
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")

@@ -1,0 +1,57 @@
+"""Metrics sinks: W&B (offline by default) or nothing, plus a metrics.jsonl that is always written.
+Only rank 0 tracks; the other ranks get a tracker that does nothing."""
+import json
+import os
+from pathlib import Path
+
+from minitron.config import LoggerConfig
+
+
+class NullTracker:
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class JsonlTracker:
+    """One JSON object per logged step in <output_dir>/metrics.jsonl (appended across resumes)."""
+
+    def __init__(self, path: Path, inner):
+        self.path = path
+        self.inner = inner
+
+    def log(self, metrics: dict, step: int) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.inner.log(metrics, step)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+
+class WandbTracker:
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict):
+        # wandb also writes under $HOME unless told otherwise; keep everything in the run dir.
+        wandb_dir = run_dir / "wandb"
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+            os.environ.setdefault(var, str(wandb_dir / ".wandb"))
+        import wandb
+
+        self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
+                              mode=cfg.wandb.mode, dir=str(run_dir), config=config)
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def make_tracker(cfg: LoggerConfig, run_dir: Path, config: dict, rank: int):
+    if rank != 0:
+        return NullTracker()
+    inner = WandbTracker(cfg, run_dir, config) if cfg.backend == "wandb" else NullTracker()
+    return JsonlTracker(run_dir / "metrics.jsonl", inner)

@@ -1,0 +1,38 @@
+"""minitron: structured pruning + knowledge distillation of Hugging Face causal LMs (Minitron method).
+
+On a machine without CUDA install with `-c launch/cpu-constraints.txt` so that pip takes the CPU
+build of torch instead of resolving the newest (CUDA) wheel.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="minitron",
+    version="0.1.0",
+    description="Prune and distill Hugging Face LLMs into smaller ones (Minitron), on DeepSpeed.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["minitron", "minitron.*"]) + ["minitron.conf"],
+    # conf/ sits at the top of the repo (it is what users edit) and ships inside the package as
+    # minitron.conf, so the entry points find it from any working directory.
+    package_dir={"minitron.conf": "conf"},
+    package_data={"minitron.conf": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "transformers>=4.46",
+        "datasets>=3.0",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "wandb>=0.18",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+        "pyarrow>=15",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "gpu": ["flash-attn>=2.6"],
+        "eval": ["lm-eval>=0.4"],
+    },
+    entry_points={"console_scripts": ["minitron-train=minitron.cli.train:main"]},
+)
