@@ -1,0 +1,32 @@
+"""Bad input: one line on stderr naming the key, a non-zero exit, and no finished-looking output."""
+import pytest
+
+from conftest import run_cli, tiny_args
+
+
+def bad(tmp_path, corpus_dir, *overrides):
+    out = tmp_path / "out"
+    proc = run_cli(tiny_args(corpus_dir, out, *overrides), check=False, timeout=300)
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert not (out / "summary.json").exists() and not (out / "model").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (("data.path=/nonexistent/corpus",), "data.path: no such file"),
+    (("model=gigantic",), "model: unknown preset 'gigantic'"),
+    (("data.seq_len=4096",), "data.seq_len: 4096 exceeds"),
+    (("train.global_batch_size=6",), "train.global_batch_size: 6 is not a multiple"),
+    (("model.path=/tmp",), "model.path: /tmp is not a Hugging Face checkpoint"),
+])
+def test_rejected_before_any_work(tmp_path, corpus_dir, overrides, key):
+    assert bad(tmp_path, corpus_dir, *overrides).startswith(f"error: {key}")
+
+
+def test_empty_corpus(tmp_path, corpus_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("   \n")
+    assert bad(tmp_path, corpus_dir, f"data.path={empty}").startswith("error: data.path: the corpus is empty")

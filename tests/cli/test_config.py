@@ -1,0 +1,57 @@
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from minitron.cli.common import check_group_choices, conf_dir, prepare_argv
+from minitron.config import ConfigError, TrainJobConfig, check_train_config, register_schemas
+
+GROUPS = {g: sorted(p.stem for p in (Path(conf_dir()) / g).glob("*.yaml"))
+          for g in ("model", "deepspeed", "logger")}
+
+
+@pytest.mark.parametrize("choice", list(itertools.product(*GROUPS.values())))
+def test_every_config_composes_into_the_schema(choice):
+    register_schemas()
+    overrides = [f"{g}={c}" for g, c in zip(GROUPS, choice)]
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    job = OmegaConf.to_object(cfg)
+    assert isinstance(job, TrainJobConfig)
+    assert job.model.name == choice[0]
+    assert job.deepspeed.zero_optimization["stage"] == int(choice[1][-1])
+    assert job.logger.backend == choice[2]
+    check_train_config(job, world_size=1)
+
+
+def test_typo_in_a_key_is_rejected():
+    register_schemas()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        with pytest.raises(Exception, match="micro_bach_size"):
+            compose(config_name="train", overrides=["train.micro_bach_size=2"])
+
+
+def test_batch_divisibility_names_the_key():
+    job = TrainJobConfig()
+    job.train.global_batch_size, job.train.micro_batch_size = 12, 4
+    check_train_config(job, world_size=3)
+    with pytest.raises(ConfigError, match="^train.global_batch_size"):
+        check_train_config(job, world_size=2)
+
+
+def test_deepspeed_launcher_argument_moves_to_the_environment(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    assert prepare_argv(["--local_rank=1", "model=tiny"]) == ["model=tiny", "hydra.output_subdir=null"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    monkeypatch.setenv("RANK", "0")
+    assert prepare_argv(["--local_rank", "0", "seed=3"]) == ["seed=3"]
+
+
+def test_unknown_preset_is_one_line_naming_the_key():
+    check_group_choices(["model=tiny", "model.path=/x", "deepspeed=zero3"], conf_dir())
+    with pytest.raises(ConfigError, match=r"^model: unknown preset 'huge'; choose one of small, tiny$"):
+        check_group_choices(["model=huge"], conf_dir())

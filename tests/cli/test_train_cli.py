@@ -1,0 +1,50 @@
+"""The real CLI, one process: outputs, W&B offline files, the exported checkpoint."""
+import json
+import math
+
+import pytest
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import read_metrics, run_cli, tiny_args
+
+
+def test_tiny_run_writes_a_loadable_checkpoint_and_summary(tmp_path, corpus_dir):
+    out = tmp_path / "run"
+    run_cli(tiny_args(corpus_dir, out, "logger=wandb", "train.max_steps=12", "train.eval_every=4",
+                      "train.lr=3e-3"))
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("val_loss", "val_ppl", "params", "tokens_seen", "output_model"):
+        assert key in summary
+    assert summary["tokens_seen"] == 12 * 8 * 64
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
+
+    metrics = read_metrics(out)
+    assert sorted(metrics) == list(range(1, 13))
+    val = [metrics[s]["val/loss"] for s in (4, 8, 12)]
+    assert val[-1] < val[0]  # it learns
+    assert summary["val_loss"] == val[-1]
+    assert all(k in metrics[1] for k in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"))
+
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["model"]["name"] == "tiny" and resolved["output_dir"] == str(out)
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    model = AutoModelForCausalLM.from_pretrained(summary["output_model"])
+    tok = AutoTokenizer.from_pretrained(summary["output_model"])
+    assert model.num_parameters() == summary["params"]
+    prompt = tok("def main(", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 8
+    assert isinstance(tok.decode(generated[0]), str)
+
+
+def test_continue_training_from_a_local_checkpoint(tmp_path, corpus_dir):
+    first = tmp_path / "first"
+    run_cli(tiny_args(corpus_dir, first, "train.max_steps=2"))
+    second = tmp_path / "second"
+    run_cli(tiny_args(corpus_dir, second, f"model.path={first / 'model'}", "train.max_steps=2"))
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["params"] == json.loads((first / "summary.json").read_text())["params"]

@@ -1,0 +1,62 @@
+"""Shared fixtures: a small real-text corpus, CLI runners, and an offline environment."""
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a hub or write under $HOME.
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                  WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("minitron_cache")
+    os.environ["MINITRON_CACHE"] = str(cache)
+    yield cache
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """About 400 KB of real text: a fixed set of standard-library modules, one document each."""
+    out = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    names = ["argparse.py", "ast.py", "calendar.py", "csv.py", "dataclasses.py", "difflib.py",
+             "enum.py", "fractions.py", "functools.py", "heapq.py", "inspect.py", "json/decoder.py",
+             "json/encoder.py", "logging/__init__.py", "pathlib.py", "pprint.py", "random.py",
+             "shutil.py", "statistics.py", "string.py", "textwrap.py", "typing.py", "uuid.py",
+             "zipfile.py"]
+    for i, name in enumerate(names):
+        (out / f"doc{i:02d}.txt").write_text((stdlib / name).read_text(encoding="utf-8"))
+    return out
+
+
+def tiny_args(corpus_dir: Path, output_dir: Path, *extra: str) -> list:
+    """CLI overrides for a tiny, fast run on the test corpus."""
+    return [f"output_dir={output_dir}", f"data.path={corpus_dir}", "model=tiny", "logger=none",
+            "data.vocab_size=512", "data.seq_len=64", "train.micro_batch_size=4",
+            "train.global_batch_size=8", "train.max_steps=6", "train.eval_every=3",
+            "train.eval_blocks=16", "train.save_every=0", "train.warmup_steps=2", *extra]
+
+
+def run_cli(args, launcher=(), timeout=600, check=True, env=None) -> subprocess.CompletedProcess:
+    cmd = [*launcher, *([sys.executable, "-m", "minitron.cli.train"] if not launcher else []), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(output_dir: Path) -> dict:
+    """step -> the metrics logged for it, later lines winning (a resumed run re-logs the steps it
+    repeats after its checkpoint)."""
+    rows = {}
+    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
