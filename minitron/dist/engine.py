@@ -30,7 +30,20 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int) -
 def initialize(model: torch.nn.Module, optimizer, lr_scheduler, config: Dict[str, Any]):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=lr_scheduler, config=config)
+    _record_fp32_clip_norm(engine)
     return engine
+
+
+def _record_fp32_clip_norm(engine) -> None:
+    """Without ZeRO or mixed precision DeepSpeed clips through a helper that drops the norm it
+    computed, so `get_global_grad_norm()` would be None; keep it like the other stages do."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record
 
 
 def zero_stage(engine) -> int:
