@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
+    max_steps: int = 250
     """Optimizer steps."""
     micro_batch_size: int = 8
     """Sequences per rank per forward pass."""
