@@ -94,6 +94,7 @@ def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
         "world_size": gang.world_size,
         "attn_implementation": engine.module.config._attn_implementation,
         "output_model": str(model_dir.resolve()),
+        "data_cache": str(data.cache_dir),
     }
     tracker.log({"final/val_loss": summary["val_loss"], "final/val_ppl": summary["val_ppl"]}, step=result.steps)
     tracker.finish()

@@ -1,0 +1,42 @@
+"""README command 1's job, as written (only output_dir differs): the embedded teacher trains on
+2 CPU cores to a validation perplexity well below a unigram model's on the same split."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import run_cli
+
+
+def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
+    """Perplexity of add-one-smoothed unigram frequencies of the training blocks, on the tokens the
+    LM predicts (each block but its first token)."""
+    counts = np.bincount(np.asarray(train).ravel(), minlength=vocab_size) + 1.0
+    logp = np.log(counts / counts.sum())
+    return math.exp(-logp[np.asarray(val)[:, 1:]].mean())
+
+
+@pytest.mark.slow
+def test_default_job_beats_unigram_and_exports_a_generating_model(tmp_path):
+    out = tmp_path / "default"
+    run_cli([f"output_dir={out}"], launcher=["minitron-train"], timeout=900)
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "model" / "config.json").read_text())
+    data_dir = Path(summary["data_cache"])
+    train, val = np.load(data_dir / "train.npy", mmap_mode="r"), np.load(data_dir / "val.npy", mmap_mode="r")
+    eval_blocks = val[:64]  # train.eval_blocks default: the blocks val_loss was measured on
+    baseline = unigram_ppl(train, eval_blocks, config["vocab_size"])
+    assert summary["val_ppl"] < 0.3 * baseline, (summary["val_ppl"], baseline)
+    assert 10e6 <= summary["params"] <= 30e6
+
+    model = AutoModelForCausalLM.from_pretrained(summary["output_model"])
+    tok = AutoTokenizer.from_pretrained(summary["output_model"])
+    prompt = tok("import os\n\n\ndef ", return_tensors="pt")
+    ids = model.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+    text = tok.decode(ids[0, prompt["input_ids"].shape[1]:])
+    assert len(ids[0]) == prompt["input_ids"].shape[1] + 24 and text.strip()
+    print("generated:", repr(text), "val_ppl", summary["val_ppl"], "unigram", baseline)
+
