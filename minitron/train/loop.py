@@ -42,15 +42,19 @@ def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: Tr
     for step in range(start_step, cfg.max_steps):
         engine.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros(())
+        sums: Dict[str, float] = {}
         for micro in range(sampler.accumulation_steps):
             input_ids = sampler.micro_batch(step, micro).to(device)
             loss, extras = loss_fn(engine, input_ids)
             engine.backward(loss)
             engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
-            loss_sum += loss.detach().float().cpu()
-        # One small all-reduce per step for logging: the mean loss over the whole global batch.
-        train_loss = (gang.all_reduce_sum(loss_sum) / (sampler.accumulation_steps * gang.world_size)).item()
+            for name, value in {"loss": loss, **extras}.items():
+                sums[name] = sums.get(name, 0.0) + float(torch.as_tensor(value).detach())
+        # One small all-reduce per step for logging: means over the whole global batch of the loss
+        # and of every extra metric the loss function reported.
+        means = gang.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
+        means = dict(zip(sums, (means / (sampler.accumulation_steps * gang.world_size)).tolist()))
+        train_loss = means.pop("loss")
         if not math.isfinite(train_loss):
             raise ConfigError(f"train.lr: the loss became {train_loss} at step {step + 1}; "
                               "lower train.lr or use train.precision=fp32")
@@ -58,7 +62,8 @@ def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: Tr
         if step > start_step:  # the first step pays one-off warm-up costs
             timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + dt
         done = step + 1
-        metrics = {"train/loss": train_loss, "train/lr": engine.get_lr()[0],
+        metrics = {"train/loss": train_loss, **{f"train/{k}": v for k, v in means.items()},
+                   "train/lr": engine.get_lr()[0],
                    "train/grad_norm": _grad_norm(engine), "train/tokens_per_s": tokens_per_step / dt,
                    "train/tokens_seen": done * tokens_per_step}
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):

@@ -3,7 +3,6 @@ import json
 import math
 
 import pytest
-
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,3 +47,20 @@ def test_continue_training_from_a_local_checkpoint(tmp_path, corpus_dir):
     run_cli(tiny_args(corpus_dir, second, f"model.path={first / 'model'}", "train.max_steps=2"))
     summary = json.loads((second / "summary.json").read_text())
     assert summary["params"] == json.loads((first / "summary.json").read_text())["params"]
+
+
+def test_bf16_run_exports_bf16_weights(tmp_path, corpus_dir):
+    out = tmp_path / "bf16"
+    run_cli(tiny_args(corpus_dir, out, "train.precision=bf16", "train.max_steps=3"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(summary["val_loss"])
+    model = AutoModelForCausalLM.from_pretrained(summary["output_model"], dtype="auto")
+    assert model.dtype == torch.bfloat16
+
+
+def test_multirun_sweep_runs_each_job(tmp_path, corpus_dir):
+    args = tiny_args(corpus_dir, tmp_path / "lr${train.lr}", "train.max_steps=2", "train.eval_every=2")
+    run_cli(["-m", *args, "train.lr=0.001,0.002"])
+    losses = [json.loads((tmp_path / f"lr{lr}" / "summary.json").read_text())["val_loss"]
+              for lr in ("0.001", "0.002")]
+    assert losses[0] != losses[1]
