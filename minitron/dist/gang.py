@@ -4,7 +4,6 @@
 initialised torch.distributed process group. Code outside minitron/dist/ only sees these methods.
 """
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +50,7 @@ class TorchGang:
 def launcher_env() -> dict:
     """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* as torch.distributed wants them, from whichever
     launcher started us: torchrun and deepspeed set them, SLURM's srun sets SLURM_*, and a plain
-    `python`/console-script run is a world of one on a free local port."""
+    `python`/console-script run is a world of one."""
     env = dict(os.environ)
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env["RANK"] = env["SLURM_PROCID"]
@@ -60,8 +59,9 @@ def launcher_env() -> dict:
         env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
         env.setdefault("MASTER_PORT", "29500")
     if "RANK" not in env:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(_free_port()))
+        # Port 0: the store takes any free port itself. Choosing one here and binding it later
+        # races with other processes (seen as EADDRINUSE when tests start runs back to back).
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     return {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
@@ -86,8 +86,3 @@ def init_gang() -> TorchGang:
     return TorchGang(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                      device=device)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
