@@ -56,7 +56,7 @@ class DataConfig:
     val_fraction: float = 0.02
     """Fraction of documents held out for validation (by a hash of the document, not its position)."""
     max_bytes: Optional[int] = None
-    """Read documents until this many bytes of text; unset reads all."""
+    """Read documents until this many bytes of text; unset reads all (the embedded corpus: 12 MB)."""
     cache_dir: Optional[str] = None
     """Where tokenised data is cached; unset: $MINITRON_CACHE or ~/.cache/minitron."""
 

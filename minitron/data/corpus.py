@@ -9,6 +9,9 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 from minitron.config import ConfigError, DataConfig
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+# The first 12 MB of the standard library's source is more than the default run can read, and
+# keeps tokenizer training and tokenisation to seconds. Applies to the embedded corpus only.
+EMBEDDED_MAX_BYTES = 12_000_000
 
 
 def load_documents(cfg: DataConfig) -> List[str]:
@@ -22,7 +25,8 @@ def load_documents(cfg: DataConfig) -> List[str]:
     else:
         docs = embedded_documents()
         key = "data.path"
-    kept = list(_take_bytes((d for d in docs if d.strip()), cfg.max_bytes))
+    max_bytes = cfg.max_bytes if cfg.max_bytes or cfg.path or cfg.name else EMBEDDED_MAX_BYTES
+    kept = list(_take_bytes((d for d in docs if d.strip()), max_bytes))
     if not kept:
         raise ConfigError(f"{key}: the corpus is empty (no document with text)")
     return kept

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from minitron.config import ConfigError, DataConfig
-from minitron.data.corpus import check_source, embedded_documents, load_documents, split_documents
+from minitron.data.corpus import EMBEDDED_MAX_BYTES, check_source, embedded_documents, load_documents, split_documents
 
 
 def test_local_formats_read_every_document(tmp_path):
@@ -64,3 +64,11 @@ def test_embedded_corpus_is_the_standard_library_source():
     first = next(embedded_documents())
     assert "import" in first or "def " in first
     assert load_documents(DataConfig(max_bytes=100_000))  # non-empty, capped
+    embedded = load_documents(DataConfig())
+    assert EMBEDDED_MAX_BYTES <= sum(map(len, embedded)) < EMBEDDED_MAX_BYTES + 1_000_000
+
+
+def test_user_corpora_are_not_capped_by_default(tmp_path):
+    (tmp_path / "big.txt").write_text("y" * (EMBEDDED_MAX_BYTES + 10))
+    (tmp_path / "more.txt").write_text("z")
+    assert len(load_documents(DataConfig(path=str(tmp_path)))) == 2
