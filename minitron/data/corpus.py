@@ -16,6 +16,7 @@ EMBEDDED_MAX_BYTES = 12_000_000
 
 def load_documents(cfg: DataConfig) -> List[str]:
     """All documents of the configured source, in a fixed order, capped at `cfg.max_bytes`."""
+    max_bytes = cfg.max_bytes
     if cfg.path:
         docs = _file_documents(Path(cfg.path).expanduser(), cfg.text_field)
         key = "data.path"
@@ -25,7 +26,7 @@ def load_documents(cfg: DataConfig) -> List[str]:
     else:
         docs = embedded_documents()
         key = "data.path"
-    max_bytes = cfg.max_bytes if cfg.max_bytes or cfg.path or cfg.name else EMBEDDED_MAX_BYTES
+        max_bytes = max_bytes or EMBEDDED_MAX_BYTES
     kept = list(_take_bytes((d for d in docs if d.strip()), max_bytes))
     if not kept:
         raise ConfigError(f"{key}: the corpus is empty (no document with text)")

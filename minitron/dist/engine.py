@@ -46,12 +46,8 @@ def _record_fp32_clip_norm(engine) -> None:
     engine.clip_fp32_gradients = clip_and_record
 
 
-def zero_stage(engine) -> int:
-    return engine.zero_optimization_stage()
-
-
 def gathered_parameters(engine):
     """Context in which every parameter holds its full value (ZeRO-3 partitions them)."""
-    if zero_stage(engine) == 3:
+    if engine.zero_optimization_stage() == 3:
         return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     return contextlib.nullcontext()
