@@ -128,9 +128,79 @@ class TrainJobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+@dataclass
+class PruneExportConfig:
+    """The student's shape; a key left unset keeps the teacher's value."""
+    hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    """Fewer than the teacher's prunes whole KV groups. Unset: the teacher's, except that an MHA
+    teacher stays MHA (it follows num_attention_heads)."""
+    num_layers: Optional[int] = None
+
+
+@dataclass
+class CalibrationConfig:
+    num_samples: int = 1024
+    """Training blocks (of data.seq_len tokens) the importance pass reads, drawn by `seed`."""
+    micro_batch_size: int = 8
+    """Blocks per forward pass; bounds activation memory (block importance keeps every layer's
+    hidden states of one micro-batch)."""
+
+
+@dataclass
+class ImportanceConfig:
+    seq_agg: str = "mean"
+    """How a sample's per-token activations become one number: mean (of |x|), l2 or var."""
+    batch_agg: str = "l2"
+    """How samples combine: mean, l2 or var (arXiv 2407.14679 found seq=mean, batch=l2 best)."""
+    mlp_activation: str = "post"
+    """post: the input of down_proj (act(gate) * up); pre: the gate projection before the activation."""
+    ranking: str = "importance"
+    """importance, or random (an ablation baseline: every ranking is a seeded permutation)."""
+
+
+@dataclass
+class DepthConfig:
+    metric: str = "loss"
+    """loss: validation LM loss with the layer(s) removed (lower loss = less important);
+    block_importance: 1 - cos(input, output) of the layer or block."""
+    contiguous: bool = False
+    """Drop one contiguous block of layers (arXiv 2408.11796) instead of the individually least
+    important ones."""
+    eval_blocks: int = 64
+    """Validation blocks per loss-when-removed evaluation."""
+
+
+@dataclass
+class PruneConfig:
+    export: PruneExportConfig = field(default_factory=PruneExportConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    precision: str = "fp32"
+    """dtype of the calibration passes and of the exported student: fp32 or bf16."""
+    dry_run: bool = False
+    """Only resolve the student's config and parameter count (meta tensors; needs only config.json)."""
+    scores_dir: Optional[str] = None
+    """Where importance scores are cached for reuse; unset: `importance/` beside output_dir."""
+
+
+@dataclass
+class PruneJobConfig:
+    output_dir: str = "runs/prune"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The teacher: `model.path` is required."""
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
+    cs.store(name="prune_schema", node=PruneJobConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)

@@ -1,0 +1,1 @@
+"""Structured pruning: importance, selection of what to keep, slicing, export."""

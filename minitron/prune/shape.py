@@ -1,0 +1,86 @@
+"""The teacher's shape, the student's target shape, and the student's transformers config.
+
+Everything here reads configs only, so targets are checked, and a dry run counts parameters,
+before any weight is loaded.
+"""
+import copy
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from minitron.config import ConfigError, PruneExportConfig
+from minitron.models.adapters import FamilyAdapter
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_layers: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def head_dim_of(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def teacher_shape(hf_config) -> Shape:
+    heads = hf_config.num_attention_heads
+    return Shape(hidden_size=hf_config.hidden_size, ffn_hidden_size=hf_config.intermediate_size,
+                 num_attention_heads=heads,
+                 num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+                 num_layers=hf_config.num_hidden_layers)
+
+
+def resolve_target(teacher: Shape, export: PruneExportConfig) -> Shape:
+    """The student's shape: unset keys keep the teacher's; every impossible target is a
+    ConfigError naming its `prune.export.*` key."""
+    values = {}
+    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers"):
+        target = getattr(export, key)
+        have = getattr(teacher, key)
+        if target is None:
+            target = have
+        if not 1 <= target <= have:
+            raise ConfigError(f"prune.export.{key}: {target} must be between 1 and the teacher's {have}")
+        values[key] = target
+    heads = values["num_attention_heads"]
+    kv = export.num_key_value_heads
+    if kv is None:
+        mha = teacher.num_key_value_heads == teacher.num_attention_heads
+        kv = heads if mha else teacher.num_key_value_heads
+    if not 1 <= kv <= teacher.num_key_value_heads:
+        raise ConfigError(f"prune.export.num_key_value_heads: {kv} must be between 1 and the "
+                          f"teacher's {teacher.num_key_value_heads}")
+    if heads % kv:
+        raise ConfigError(f"prune.export.num_attention_heads: {heads} is not divisible by "
+                          f"num_key_value_heads={kv}")
+    per_group = teacher.num_attention_heads // teacher.num_key_value_heads
+    if heads // kv > per_group:
+        raise ConfigError(
+            f"prune.export.num_attention_heads: {heads} heads over {kv} KV heads needs {heads // kv} "
+            f"query heads per group, but the teacher's groups have {per_group}; keep more KV heads")
+    return Shape(num_key_value_heads=kv, **values)
+
+
+def student_config(teacher_config, adapter: FamilyAdapter, target: Shape, kept_layers: Sequence[int]):
+    """The teacher's config with the target shape; `head_dim` is written explicitly because it
+    no longer equals hidden_size / num_attention_heads after width pruning."""
+    assert len(kept_layers) == target.num_layers
+    cfg = copy.deepcopy(teacher_config)
+    cfg.head_dim = head_dim_of(teacher_config)
+    cfg.hidden_size = target.hidden_size
+    cfg.intermediate_size = target.ffn_hidden_size
+    cfg.num_attention_heads = target.num_attention_heads
+    cfg.num_key_value_heads = target.num_key_value_heads
+    cfg.num_hidden_layers = target.num_layers
+    for key in adapter.per_layer_config_keys:
+        per_layer = getattr(teacher_config, key, None)
+        if per_layer is not None:
+            setattr(cfg, key, [per_layer[i] for i in kept_layers])
+    if adapter.adjust_config is not None:
+        adapter.adjust_config(teacher_config, cfg, kept_layers)
+    return cfg

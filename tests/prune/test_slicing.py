@@ -1,0 +1,164 @@
+"""Slicing is exact: the pruned student computes what the teacher computes with the pruned
+neurons and heads zeroed and the pruned layers skipped; the export round-trips through
+`from_pretrained`; generation with a KV cache works after depth pruning."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from minitron.config import ConfigError, DepthConfig, PruneExportConfig
+from minitron.models.adapters import adapter_for
+from minitron.prune.select import select_kept
+from minitron.prune.shape import head_dim_of, resolve_target, student_config, teacher_shape
+from minitron.prune.slicing import prune_model
+
+FAMILIES = {
+    "llama_gqa": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=2),
+    "llama_mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4),
+    "llama_tied_bias": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=4,
+                            tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    "mistral": dict(model_type="mistral", num_attention_heads=8, num_key_value_heads=2, sliding_window=8),
+    "qwen2": dict(model_type="qwen2", num_attention_heads=8, num_key_value_heads=2,
+                  use_sliding_window=True, sliding_window=8, max_window_layers=2),
+    "qwen3": dict(model_type="qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=12),
+}
+
+
+def random_model(family: str, seed: int = 0):
+    spec = dict(FAMILIES[family])
+    cfg = AutoConfig.for_model(spec.pop("model_type"), vocab_size=97, hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=4, max_position_embeddings=64, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.3)
+    return model
+
+
+class Skipped(nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def masked_reference(teacher, kept, head_dim):
+    """The teacher with pruned neurons' down_proj columns and pruned heads' o_proj columns zeroed
+    and pruned layers replaced by the identity."""
+    ref = copy.deepcopy(teacher)
+    layers = ref.model.layers
+    with torch.no_grad():
+        for j, i in enumerate(kept.layers):
+            mlp_mask = torch.ones(teacher.config.intermediate_size, dtype=torch.bool)
+            mlp_mask[kept.mlp[j]] = False
+            layers[i].mlp.down_proj.weight[:, mlp_mask] = 0
+            head_mask = torch.ones(teacher.config.num_attention_heads, dtype=torch.bool)
+            head_mask[kept.heads[j]] = False
+            layers[i].self_attn.o_proj.weight[:, head_mask.repeat_interleave(head_dim)] = 0
+    for i in range(len(layers)):
+        if i not in kept.layers:
+            layers[i] = Skipped()
+    return ref
+
+
+def prune(teacher, export: PruneExportConfig, seed: int = 1, contiguous=False):
+    adapter = adapter_for(teacher.config)
+    shape = teacher_shape(teacher.config)
+    target = resolve_target(shape, export)
+    cfg = teacher.config
+    fake_scores = {"heads": torch.rand(cfg.num_hidden_layers, cfg.num_attention_heads),
+                   "mlp": torch.rand(cfg.num_hidden_layers, cfg.intermediate_size),
+                   "hidden": torch.rand(cfg.hidden_size),
+                   "cos": torch.rand(cfg.num_hidden_layers + 1, cfg.num_hidden_layers + 1)}
+    kept = select_kept(fake_scores, shape, target, DepthConfig(metric="block_importance", contiguous=contiguous),
+                       seed=seed)
+    hd = head_dim_of(teacher.config)
+    student = prune_model(teacher, adapter, kept, student_config(teacher.config, adapter, target, kept.layers), hd)
+    return student, kept
+
+
+INPUT = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_mlp_heads_and_depth_pruning_equals_masked_teacher(family):
+    teacher = random_model(family)
+    heads = teacher.config.num_attention_heads // 2
+    export = PruneExportConfig(ffn_hidden_size=40, num_attention_heads=heads, num_layers=2)
+    student, kept = prune(teacher, export)
+    assert kept.layers != [0, 1]  # the seed drops inner layers, so renumbering is exercised
+    reference = masked_reference(teacher, kept, head_dim_of(teacher.config))
+    with torch.no_grad():
+        want = reference(INPUT, use_cache=False).logits
+        got = student(INPUT, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert student.config.num_hidden_layers == 2 and student.config.intermediate_size == 40
+    assert student.config.head_dim == head_dim_of(teacher.config)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen2"])
+def test_pruning_whole_kv_groups_equals_masked_teacher(family):
+    teacher = random_model(family)
+    student, kept = prune(teacher, PruneExportConfig(num_attention_heads=4, num_key_value_heads=1))
+    per_group = teacher.config.num_attention_heads // teacher.config.num_key_value_heads
+    for heads, groups in zip(kept.heads, kept.kv_heads):
+        assert len(groups) == 1 and {h // per_group for h in heads} == set(groups)
+    reference = masked_reference(teacher, kept, head_dim_of(teacher.config))
+    with torch.no_grad():
+        torch.testing.assert_close(student(INPUT).logits, reference(INPUT).logits, atol=1e-5, rtol=0)
+
+
+def test_qwen2_per_layer_attention_types_follow_kept_layers():
+    teacher = random_model("qwen2")
+    assert teacher.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    student, kept = prune(teacher, PruneExportConfig(num_layers=2), seed=3)
+    assert student.config.layer_types == [teacher.config.layer_types[i] for i in kept.layers]
+    assert student.config.max_window_layers == sum(i < 2 for i in kept.layers)
+
+
+@pytest.mark.parametrize("family", ["llama_tied_bias", "qwen2"])
+def test_export_round_trip_and_cached_generation(tmp_path, family):
+    teacher = random_model(family)
+    export = PruneExportConfig(hidden_size=48, ffn_hidden_size=40, num_attention_heads=4, num_layers=2)
+    student, kept = prune(teacher, export, contiguous=True)
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert loaded.config.hidden_size == 48 and loaded.config.num_hidden_layers == 2
+    if teacher.config.tie_word_embeddings:
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(INPUT).logits, student(INPUT).logits, atol=0, rtol=0)
+        # Greedy decoding with the KV cache must match recomputing the whole prefix every step:
+        # a layer_idx that was not renumbered breaks the cache.
+        cached = loaded.generate(INPUT[:1, :8], max_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = loaded.generate(INPUT[:1, :8], max_new_tokens=12, do_sample=False, use_cache=False)
+    assert cached.shape[1] == 20
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("export, key", [
+    (PruneExportConfig(hidden_size=65), "prune.export.hidden_size"),
+    (PruneExportConfig(num_layers=0), "prune.export.num_layers"),
+    (PruneExportConfig(num_attention_heads=5), "prune.export.num_attention_heads"),
+    (PruneExportConfig(num_key_value_heads=3), "prune.export.num_key_value_heads"),
+    (PruneExportConfig(num_attention_heads=8, num_key_value_heads=1), "prune.export.num_attention_heads"),
+])
+def test_impossible_targets_name_the_key(export, key):
+    shape = teacher_shape(random_model("llama_gqa").config)
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        resolve_target(shape, export)
+
+
+def test_unset_targets_keep_the_teacher_and_mha_stays_mha():
+    gqa = teacher_shape(random_model("llama_gqa").config)
+    assert resolve_target(gqa, PruneExportConfig()) == gqa
+    assert resolve_target(gqa, PruneExportConfig(num_attention_heads=6)).num_key_value_heads == 2
+    mha = teacher_shape(random_model("llama_mha").config)
+    assert resolve_target(mha, PruneExportConfig(num_attention_heads=2)).num_key_value_heads == 2
+
+
+def test_model_type_without_adapter_lists_the_supported_ones():
+    with pytest.raises(ConfigError, match="^model.path: model type 'gpt2' has no pruning adapter; supported: llama"):
+        adapter_for(AutoConfig.for_model("gpt2"))
