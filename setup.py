@@ -34,5 +34,6 @@ setup(
         "gpu": ["flash-attn>=2.6"],
         "eval": ["lm-eval>=0.4"],
     },
-    entry_points={"console_scripts": ["minitron-train=minitron.cli.train:main"]},
+    entry_points={"console_scripts": ["minitron-train=minitron.cli.train:main",
+                                        "minitron-prune=minitron.cli.prune:main"]},
 )
