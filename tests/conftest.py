@@ -43,6 +43,18 @@ def tiny_args(corpus_dir: Path, output_dir: Path, *extra: str) -> list:
             "train.eval_blocks=16", "train.save_every=0", "train.warmup_steps=2", *extra]
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, corpus_dir) -> Path:
+    """A tiny llama (GQA) trained for a few steps on the test corpus; the checkpoint directory
+    holds its tokenizer."""
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    run_cli(tiny_args(corpus_dir, out))
+    return out / "model"
+
+
+PRUNE = [sys.executable, "-m", "minitron.cli.prune"]
+
+
 def run_cli(args, launcher=(), timeout=600, check=True, env=None) -> subprocess.CompletedProcess:
     cmd = [*launcher, *([sys.executable, "-m", "minitron.cli.train"] if not launcher else []), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,

@@ -1,0 +1,177 @@
+"""minitron-prune end to end: a plain transformers checkpoint with its manifest, score reuse,
+2 processes equal to 1, dry-run parameter counts, and bad input refused before any work."""
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import PRUNE, run_cli
+
+PRUNE_PY = str(Path(__file__).resolve().parents[2] / "minitron" / "cli" / "prune.py")
+SHAPE = ["prune.export.hidden_size=48", "prune.export.ffn_hidden_size=96",
+         "prune.export.num_attention_heads=2", "prune.export.num_layers=1"]
+
+
+def prune_args(teacher, corpus_dir, out, *extra):
+    return [f"model.path={teacher}", f"data.path={corpus_dir}", "data.seq_len=64", f"output_dir={out}",
+            "prune.calibration.num_samples=24", "prune.calibration.micro_batch_size=4",
+            "prune.depth.eval_blocks=8", *extra]
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, tiny_teacher, corpus_dir):
+    root = tmp_path_factory.mktemp("pruned")
+    run_cli(prune_args(tiny_teacher, corpus_dir, root / "student", *SHAPE), launcher=PRUNE)
+    return root / "student"
+
+
+def test_output_is_a_plain_checkpoint_with_its_manifest(pruned, tiny_teacher):
+    names = {p.name for p in pruned.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "pruning.json", "summary.json"} <= names
+    assert not [p for p in pruned.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+    model = AutoModelForCausalLM.from_pretrained(pruned)
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.num_hidden_layers, cfg.head_dim) == (48, 96, 2, 2, 1, 16)
+    tok = AutoTokenizer.from_pretrained(pruned)
+    ids = model.generate(**tok("def f(", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert ids.shape[1] > 5
+
+    manifest = json.loads((pruned / "pruning.json").read_text())
+    summary = json.loads((pruned / "summary.json").read_text())
+    kept = manifest["kept"]
+    assert len(kept["layers"]) == 1 and len(kept["hidden"]) == 48
+    assert [len(m) for m in kept["mlp"]] == [96] and [len(h) for h in kept["heads"]] == [2]
+    assert sorted(kept["hidden"]) == kept["hidden"] and max(kept["mlp"][0]) < 176
+    assert manifest["teacher"]["path"] == str(tiny_teacher.resolve())
+    assert len(manifest["teacher"]["content_hash"]) == 32
+    assert manifest["calibration"]["num_samples"] == 24
+    assert manifest["importance"]["seq_agg"] == "mean" and manifest["importance"]["batch_agg"] == "l2"
+    student_params = sum(p.numel() for p in model.parameters())
+    assert manifest["student"]["params"] == summary["student_params"] == student_params
+    assert summary["teacher_params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_teacher).parameters())
+    assert summary["student_val_loss"] > summary["teacher_val_loss"] > 0
+
+
+def test_dry_run_counts_equal_the_materialised_student(pruned, tiny_teacher, tmp_path):
+    run_cli([f"model.path={tiny_teacher}", f"output_dir={tmp_path}", "prune.dry_run=true", *SHAPE],
+            launcher=PRUNE)
+    dry = json.loads((tmp_path / "summary.json").read_text())
+    real = json.loads((pruned / "summary.json").read_text())
+    assert dry["student_params"] == real["student_params"]
+    assert dry["teacher_params"] == real["teacher_params"]
+    assert dry["student_config"]["hidden_size"] == 48
+
+
+def test_pruning_to_another_shape_reuses_the_scores(pruned, tiny_teacher, corpus_dir):
+    out = pruned.parent / "depth_only"
+    run_cli(prune_args(tiny_teacher, corpus_dir, out, "prune.export.num_layers=1"), launcher=PRUNE)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scores_reused"] is True
+    assert len(list((pruned.parent / "importance").glob("*.pt"))) == 1
+    first = json.loads((pruned / "pruning.json").read_text())["kept"]
+    second = json.loads((out / "pruning.json").read_text())["kept"]
+    assert second["layers"] == first["layers"]  # same scores, same depth choice
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_score_like_one(tiny_teacher, corpus_dir, tmp_path):
+    """11 calibration blocks: 6 on one rank, 5 on the other, in different micro-batches."""
+    extra = ["prune.calibration.num_samples=11", "prune.export.ffn_hidden_size=88", "prune.export.num_layers=1"]
+    run_cli(prune_args(tiny_teacher, corpus_dir, tmp_path / "one" / "out", *extra), launcher=PRUNE)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), PRUNE_PY]
+    run_cli(prune_args(tiny_teacher, corpus_dir, tmp_path / "two" / "out", *extra), launcher=torchrun)
+    one, two = ([torch.load(p, weights_only=True) for p in (tmp_path / run / "importance").glob("*.pt")][0]
+                for run in ("one", "two"))
+    assert one["stats"]["samples"].item() == two["stats"]["samples"].item() == 11
+    for name, tensor in one["stats"].items():
+        torch.testing.assert_close(two["stats"][name], tensor, rtol=1e-5, atol=1e-6)
+    for key, loss in one["removal_loss"].items():
+        torch.testing.assert_close(two["removal_loss"][key], loss, rtol=1e-6, atol=0)
+    kept_one, kept_two = (json.loads((tmp_path / run / "out" / "pruning.json").read_text())["kept"]
+                          for run in ("one", "two"))
+    assert kept_one == kept_two
+    assert json.loads((tmp_path / "two" / "out" / "summary.json").read_text())["world_size"] == 2
+
+
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+}
+
+
+@pytest.mark.parametrize("shape, billions", [
+    (["prune.export.hidden_size=3072", "prune.export.ffn_hidden_size=9216"], 4.51),  # Llama-3.1-Minitron-4B-Width
+    (["prune.export.num_layers=16"], 4.54),  # Llama-3.1-Minitron-4B-Depth
+])
+def test_dry_run_reproduces_published_minitron_sizes_from_a_config_alone(tmp_path, shape, billions):
+    teacher = tmp_path / "llama-3.1-8b"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    run_cli([f"model.path={teacher}", f"output_dir={tmp_path / 'out'}", "prune.dry_run=true", *shape],
+            launcher=PRUNE, timeout=120)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert round(summary["teacher_params"] / 1e9, 2) == 8.03
+    assert round(summary["student_params"] / 1e9, 2) == billions
+    assert summary["student_config"]["head_dim"] == 128
+
+
+def refused(tmp_path, args):
+    out = tmp_path / "out"
+    proc = run_cli([*args, f"output_dir={out}"], launcher=PRUNE, check=False, timeout=120)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert not out.exists() and not (tmp_path / "importance").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prune.export.ffn_hidden_size=500"], "prune.export.ffn_hidden_size: 500 must be between 1 and the teacher's 176"),
+    (["prune.export.num_attention_heads=3"], "prune.export.num_attention_heads: 3 is not divisible by num_key_value_heads=2"),
+    (["prune.calibration.num_samples=0"], "prune.calibration.num_samples: the calibration set is empty"),
+    (["prune.importance.seq_agg=max"], "prune.importance.seq_agg: must be one of mean, l2, var"),
+])
+def test_bad_targets_and_options_are_refused(tmp_path, tiny_teacher, corpus_dir, overrides, message):
+    line = refused(tmp_path, [f"model.path={tiny_teacher}", f"data.path={corpus_dir}", *overrides])
+    assert line.startswith(f"error: {message}"), line
+
+
+def test_bad_teachers_are_refused(tmp_path, tiny_teacher, corpus_dir):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2}))
+    assert refused(tmp_path, [f"model.path={gpt2}", f"data.path={corpus_dir}"]).startswith(
+        "error: model.path: model type 'gpt2' has no pruning adapter; supported: llama, mistral, qwen2, qwen3")
+    assert refused(tmp_path, [f"model.path={tmp_path}", f"data.path={corpus_dir}"]).startswith(
+        f"error: model.path: {tmp_path} is not a Hugging Face checkpoint")
+    assert refused(tmp_path, [f"model.path={tmp_path / 'missing'}", f"data.path={corpus_dir}"]).startswith(
+        "error: model.path: no such directory")
+    assert refused(tmp_path, [f"data.path={corpus_dir}"]).startswith("error: model.path: set it")
+    assert refused(tmp_path, [f"model.path={tiny_teacher}", f"data.path={tmp_path / 'nodata'}"]).startswith(
+        "error: data.path: no such file")
+
+
+def test_an_unrelated_output_dir_is_not_overwritten(tmp_path, tiny_teacher, corpus_dir):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    proc = run_cli([f"model.path={tiny_teacher}", f"data.path={corpus_dir}", f"output_dir={out}"],
+                   launcher=PRUNE, check=False, timeout=120)
+    assert proc.returncode == 2 and "error: output_dir:" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
