@@ -52,6 +52,15 @@ def tiny_teacher(tmp_path_factory, corpus_dir) -> Path:
     return out / "model"
 
 
+@pytest.fixture(scope="session")
+def embedded_teacher(tmp_path_factory) -> Path:
+    """README command 1's job as written (only output_dir differs): the embedded default teacher,
+    trained once per session (about 5 minutes on 2 cores) and shared by the slow tests."""
+    out = tmp_path_factory.mktemp("embedded") / "default"
+    run_cli([f"output_dir={out}"], launcher=["minitron-train"], timeout=900)
+    return out
+
+
 PRUNE = [sys.executable, "-m", "minitron.cli.prune"]
 
 

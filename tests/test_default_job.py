@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
-
 
 def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
     """Perplexity of add-one-smoothed unigram frequencies of the training blocks, on the tokens the
@@ -20,9 +18,8 @@ def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
 
 
 @pytest.mark.slow
-def test_default_job_beats_unigram_and_exports_a_generating_model(tmp_path):
-    out = tmp_path / "default"
-    run_cli([f"output_dir={out}"], launcher=["minitron-train"], timeout=900)
+def test_default_job_beats_unigram_and_exports_a_generating_model(embedded_teacher):
+    out = embedded_teacher
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((out / "model" / "config.json").read_text())
     data_dir = Path(summary["data_cache"])

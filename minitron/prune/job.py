@@ -54,7 +54,11 @@ def check_prune_inputs(cfg: PruneJobConfig):
                                 ("precision", p.precision, tuple(DTYPES))):
         if value not in allowed:
             raise ConfigError(f"prune.{key}: must be one of {', '.join(allowed)}, got {value!r}")
+    out = Path(cfg.output_dir)
     if p.dry_run:
+        if (out / "pruning.json").exists():
+            raise ConfigError(f"output_dir: {out} holds a pruned model; a dry run would overwrite its "
+                              "summary.json, choose another directory")
         return teacher_cfg, adapter, shape, target
     if p.calibration.num_samples < 1:
         raise ConfigError(f"prune.calibration.num_samples: the calibration set is empty "
@@ -66,6 +70,7 @@ def check_prune_inputs(cfg: PruneJobConfig):
     if cfg.data.seq_len > max_positions(teacher_cfg):
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the teacher's maximum positions "
                           f"({max_positions(teacher_cfg)})")
+    cfg.model.path = local_checkpoint(cfg.model.path)
     if not list(Path(cfg.model.path).glob("*.safetensors")) + list(Path(cfg.model.path).glob("*.bin")):
         raise ConfigError(f"model.path: {cfg.model.path} has a config.json but no weights (*.safetensors, *.bin)")
     if not cfg.data.tokenizer:
@@ -73,11 +78,23 @@ def check_prune_inputs(cfg: PruneJobConfig):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = cfg.model.path
     check_source(cfg.data)
-    out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not (out / "pruning.json").exists():
         raise ConfigError(f"output_dir: {out} exists and is not a minitron pruning output; "
                           "choose a new directory")
     return teacher_cfg, adapter, shape, target
+
+
+def local_checkpoint(path: str) -> str:
+    """A local directory as is; a hub name is fetched into the Hugging Face cache (the weights
+    are hashed and read from disk)."""
+    if Path(path).expanduser().is_dir():
+        return str(Path(path).expanduser())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:
+        raise ConfigError(f"model.path: cannot fetch {path!r}: {str(e).splitlines()[0]}") from None
 
 
 def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:

@@ -7,7 +7,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from minitron.cli.common import check_group_choices, conf_dir, prepare_argv
-from minitron.config import ConfigError, TrainJobConfig, check_train_config, register_schemas
+from minitron.config import (ConfigError, PruneConfig, PruneJobConfig, TrainJobConfig, check_train_config,
+                             register_schemas)
 
 GROUPS = {g: sorted(p.stem for p in (Path(conf_dir()) / g).glob("*.yaml"))
           for g in ("model", "deepspeed", "logger")}
@@ -55,3 +56,14 @@ def test_unknown_preset_is_one_line_naming_the_key():
     check_group_choices(["model=tiny", "model.path=/x", "deepspeed=zero3"], conf_dir())
     with pytest.raises(ConfigError, match=r"^model: unknown preset 'huge'; choose one of small, tiny$"):
         check_group_choices(["model=huge"], conf_dir())
+
+
+def test_prune_config_composes_into_its_schema_with_the_schema_defaults():
+    register_schemas()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        plain = OmegaConf.to_object(compose(config_name="prune", overrides=["model.path=/t"]))
+        shaped = OmegaConf.to_object(compose(config_name="prune", overrides=["prune.export.num_layers=3"]))
+    assert isinstance(plain, PruneJobConfig) and plain.model.path == "/t"
+    # conf/prune.yaml spells the defaults out for users to read; they must not drift from the schema.
+    assert plain.prune == PruneConfig()
+    assert shaped.prune.export.num_layers == 3
