@@ -1,0 +1,67 @@
+"""The importance metric must matter: on the embedded teacher (README command 1's model),
+pruning by importance keeps a clearly lower validation loss than pruning at random (averaged
+over seeds), for MLP neurons, attention heads and layers.
+
+Heads: the teacher has 6 query heads in 2 KV groups of 3, so a GQA-legal cut ranked within each
+group keeps 1, 2 or 3 per group; the test keeps 1 of 3. (Keeping 2 of 3 loses so little that
+importance and random differ by only ~0.03 nats on this small teacher: 5.415 against 5.441.)"""
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from minitron.config import DepthConfig
+from minitron.dist.gang import LocalGang
+from minitron.models.adapters import adapter_for
+from minitron.prune.importance import collect_activation_stats, removal_losses, scores_from_stats
+from minitron.prune.select import select_kept
+from minitron.prune.shape import head_dim_of, student_config, teacher_shape
+from minitron.prune.slicing import prune_model
+from minitron.train.loop import evaluate
+
+CPU = torch.device("cpu")
+RANDOM_SEEDS = (1, 2, 3, 4)
+EVAL_BLOCKS = 64
+
+
+@pytest.mark.slow
+def test_importance_beats_random_pruning_on_the_embedded_teacher(embedded_teacher):
+    summary = json.loads((embedded_teacher / "summary.json").read_text())
+    data = Path(summary["data_cache"])
+    train = np.load(data / "train.npy", mmap_mode="r")
+    val = np.load(data / "val.npy", mmap_mode="r")
+    teacher = AutoModelForCausalLM.from_pretrained(summary["output_model"]).eval()
+    adapter, hd = adapter_for(teacher.config), head_dim_of(teacher.config)
+    gang = LocalGang()
+
+    calibration = train[np.sort(np.random.default_rng(0).permutation(len(train))[:128])]
+    stats = collect_activation_stats(teacher, adapter, calibration, 8, gang, CPU, head_dim=hd)
+    scores = scores_from_stats(stats, "l2")
+    per_layer_loss = removal_losses(teacher, adapter, val, 1, 8, gang, CPU, EVAL_BLOCKS)
+    shape = teacher_shape(teacher.config)
+    depth = DepthConfig(metric="loss")
+
+    def val_loss_after(target, seed=None):
+        kept = select_kept(scores, shape, target, depth, removal_loss=per_layer_loss, seed=seed)
+        student = prune_model(teacher, adapter, kept, student_config(teacher.config, adapter, target, kept.layers), hd)
+        return evaluate(student, val, 8, gang, CPU, EVAL_BLOCKS)
+
+    teacher_loss = evaluate(teacher, val, 8, gang, CPU, EVAL_BLOCKS)
+    results = {}
+    for name, target in {
+        "mlp: half the neurons": dataclasses.replace(shape, ffn_hidden_size=shape.ffn_hidden_size // 2),
+        "heads: 1 of 3 per KV group": dataclasses.replace(shape, num_attention_heads=2),
+        "depth: half the layers": dataclasses.replace(shape, num_layers=shape.num_layers // 2),
+    }.items():
+        by_importance = val_loss_after(target)
+        at_random = [val_loss_after(target, seed) for seed in RANDOM_SEEDS]
+        results[name] = (by_importance, at_random)
+        print(f"{name}: teacher {teacher_loss:.3f}  importance {by_importance:.3f}  "
+              f"random {np.mean(at_random):.3f} (min {min(at_random):.3f})")
+    for name, (by_importance, at_random) in results.items():
+        # Measured on 2026-11-23: 0.09 nats better for MLP, 0.26 for heads, 1.9 for depth.
+        assert np.mean(at_random) - by_importance > 0.05, (name, by_importance, at_random)
