@@ -10,7 +10,7 @@ best time of each is kept (these machines are noisy). The plain baseline is the 
 (what calibration runs: no logits are needed); a full causal-LM forward is reported too.
 (b) saves that model as a checkpoint with a tokenizer and runs the real pruning job
 (`run_prune_job`, ffn halved; calibration, loss-when-removed for the teacher's loss, slicing,
-export) in a child process: its peak RSS above the RSS it had with everything imported and the
+export) in a child process: its peak RSS above the RSS it had with everything imported (the model's code too) and the
 data cache opened, against teacher + student parameter bytes.
 """
 import argparse
@@ -64,7 +64,7 @@ def time_calibration(args) -> dict:
     return {"params": sum(p.numel() for p in model.parameters()), "seconds": best}
 
 
-def measure_memory_child(teacher: str, corpus: str, out: str, ffn: int) -> None:
+def measure_memory_child(teacher: str, corpus: str, out: str, ffn: int, micro_batch: int) -> None:
     """Runs in its own process; prints JSON with the baseline and peak RSS."""
     from omegaconf import OmegaConf
 
@@ -75,9 +75,14 @@ def measure_memory_child(teacher: str, corpus: str, out: str, ffn: int) -> None:
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PruneJobConfig), {
         "output_dir": out, "model": {"path": teacher}, "data": {"path": corpus, "tokenizer": teacher},
-        "prune": {"export": {"ffn_hidden_size": ffn}, "calibration": {"num_samples": 64},
-                  "depth": {"eval_blocks": 16}}}))
+        "prune": {"export": {"ffn_hidden_size": ffn},
+                  "calibration": {"num_samples": 64, "micro_batch_size": micro_batch},
+                  "depth": {"eval_blocks": 16}, "scores_dir": out + ".importance"}}))  # never reused
     build_or_load(cfg.data, init_gang())  # opens the cache the parent built (memory-mapped)
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(teacher))]  # imports the model's code
     # ru_maxrss survives fork and exec (it would report the parent's peak): use this process's
     # own high-water mark, reset to the current RSS now (Linux >= 4.0).
     Path("/proc/self/clear_refs").write_text("5")
@@ -94,7 +99,7 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def measure_memory(args) -> dict:
+def measure_memory(args) -> list:
     from minitron.config import DataConfig
     from minitron.data.packing import build_or_load
     from minitron.data.tokenizer import train_bpe_tokenizer
@@ -113,13 +118,15 @@ def measure_memory(args) -> dict:
     env = {**os.environ, "MINITRON_CACHE": str(work / "cache")}
     os.environ["MINITRON_CACHE"] = env["MINITRON_CACHE"]
     build_or_load(DataConfig(path=str(corpus), tokenizer=str(teacher), seq_len=SEQ_LEN), LocalGang())
-    proc = subprocess.run([sys.executable, __file__, "--child-memory", str(teacher), str(corpus),
-                           str(work / "out"), str(args.ffn // 2)], env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-3000:])
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["work_dir"] = str(work)
-    return result
+    results = []
+    for micro_batch in args.memory_micro_batches:
+        out = work / f"out{micro_batch}"
+        proc = subprocess.run([sys.executable, __file__, "--child-memory", str(teacher), str(corpus), str(out),
+                               str(args.ffn // 2), str(micro_batch)], env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        results.append({"micro_batch": micro_batch, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    return results
 
 
 def main() -> None:
@@ -132,11 +139,13 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--child-memory", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--memory-micro-batches", type=int, nargs="+", default=[8, 2],
+                   help="calibration micro-batch sizes for the memory runs")
+    p.add_argument("--child-memory", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_memory:
-        teacher, corpus, out, ffn = args.child_memory
-        return measure_memory_child(teacher, corpus, out, int(ffn))
+        teacher, corpus, out, ffn, micro_batch = args.child_memory
+        return measure_memory_child(teacher, corpus, out, int(ffn), int(micro_batch))
 
     timing = time_calibration(args)
     s = timing["seconds"]
@@ -146,18 +155,17 @@ def main() -> None:
     for name, sec in s.items():
         print(f"| {name} | {sec:.2f} | {tokens / sec:.0f} | {sec / s['trunk forward']:.3f} |")
 
-    mem = measure_memory(args)
-    bytes_per = 4  # fp32
-    model_mib = (mem["teacher_params"] + mem["student_params"]) * bytes_per / 2**20
-    delta_mib = (mem["peak_kib"] - mem["baseline_kib"]) / 1024
-    print(f"\npruning job (ffn {args.ffn} -> {args.ffn // 2}): teacher {mem['teacher_params']:,} + student "
-          f"{mem['student_params']:,} parameters = {model_mib:.0f} MiB in fp32")
-    print("| | MiB |\n| --- | ---: |")
-    print(f"| RSS with imports and data opened (baseline) | {mem['baseline_kib'] / 1024:.0f} |")
-    print(f"| peak RSS of the job | {mem['peak_kib'] / 1024:.0f} |")
-    print(f"| peak - baseline | {delta_mib:.0f} |")
-    print(f"| teacher + student | {model_mib:.0f} |")
-    print(f"| **ratio** | **{delta_mib / model_mib:.3f}** |")
+    runs = measure_memory(args)
+    first = runs[0]
+    model_mib = (first["teacher_params"] + first["student_params"]) * 4 / 2**20  # fp32
+    print(f"\npruning job (ffn {args.ffn} -> {args.ffn // 2}): teacher {first['teacher_params']:,} + student "
+          f"{first['student_params']:,} parameters = {model_mib:.0f} MiB in fp32")
+    print("| calibration micro batch | baseline RSS MiB | peak RSS MiB | peak - baseline | ratio to teacher + student |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for run in runs:
+        delta = (run["peak_kib"] - run["baseline_kib"]) / 1024
+        print(f"| {run['micro_batch']} x {SEQ_LEN} | {run['baseline_kib'] / 1024:.0f} | {run['peak_kib'] / 1024:.0f} "
+              f"| {delta:.0f} | **{delta / model_mib:.3f}** |")
 
 
 if __name__ == "__main__":

@@ -74,19 +74,29 @@ def empty_stats(hf_config, head_dim: int) -> Dict[str, torch.Tensor]:
 
 @contextmanager
 def _hooks(model, adapter: FamilyAdapter, stats, seq_agg: str, mlp_activation: str, head_dim: int):
-    handles, boundaries = [], []
+    handles = []
     cos_sum = stats["cos_sum"]
+    num_boundaries = cos_sum.shape[0]
+    # Unit hidden-state vectors at every layer boundary of the current micro-batch, written in
+    # place: sum_t cos(h_i, h_j) over all pairs is then one small matmul, and the buffer is the
+    # pass's only large allocation ([L+1, tokens, hidden] float32).
+    units = {"buf": None, "next": 0}
 
     def add_boundary(hidden_BTD):
-        # Unit vectors per token; sum_t cos(h_i, h_j) over all pairs is then one small matmul.
-        unit = torch.nn.functional.normalize(hidden_BTD.float().flatten(0, 1), dim=-1)
-        boundaries.append(unit)
+        tokens = hidden_BTD.shape[0] * hidden_BTD.shape[1]
+        buf = units["buf"]
+        if buf is None or buf.shape[1] != tokens or buf.device != hidden_BTD.device:
+            buf = units["buf"] = torch.empty(num_boundaries, tokens, hidden_BTD.shape[-1],
+                                             device=hidden_BTD.device)
+        torch.nn.functional.normalize(hidden_BTD.flatten(0, 1).float(), dim=-1, out=buf[units["next"]])
+        units["next"] += 1
 
     def finish_pass(_module, args):
         add_boundary(args[0])
-        stacked = torch.stack(boundaries).flatten(1)  # [L+1, tokens * hidden]
-        cos_sum.add_((stacked @ stacked.T).to(cos_sum.device))
-        boundaries.clear()
+        assert units["next"] == num_boundaries
+        flat = units["buf"].flatten(1)
+        cos_sum.add_((flat @ flat.T).to(cos_sum.device))
+        units["next"] = 0
 
     for i, layer in enumerate(model.get_submodule(adapter.layers)):
         handles.append(layer.register_forward_pre_hook(

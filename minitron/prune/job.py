@@ -5,6 +5,7 @@ Every check that needs only configs runs before data, weights or a process group
 The output is assembled in a temporary sibling directory and renamed into place at the end, so
 an interrupted run never leaves a directory that looks complete.
 """
+import gc
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang
 from minitron.models.adapters import adapter_for
+from minitron.models.weights import SafetensorsWeights, model_weights
 from minitron.models.build import build_model, count_params, max_positions, resolve_hf_config
 from minitron.prune import importance
 from minitron.prune.select import select_kept
@@ -153,12 +155,21 @@ def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:
                        removal_loss=cached["removal_loss"].get(f"{block}:{p.depth.eval_blocks}"),
                        seed=cfg.seed if p.importance.ranking == "random" else None)
     student_cfg = student_config(teacher_cfg, adapter, target, kept.layers)
-    student = prune_model(teacher, adapter, kept, student_cfg, hd)
     teacher_loss = cached["removal_loss"][f"0:{p.depth.eval_blocks}"].item()
-    student_loss = evaluate(student, data.val, p.calibration.micro_batch_size, gang, device, p.depth.eval_blocks)
     teacher_params = sum(t.numel() for t in teacher.parameters())
-    student_params = sum(t.numel() for t in student.parameters())
+    attn = teacher.config._attn_implementation
+    # Build the student from the checkpoint files, one tensor at a time, once the teacher is gone:
+    # teacher and student never sit in memory together. Files that do not name the tensors as the
+    # model does (.bin, renamed keys) fall back to the in-memory teacher.
+    weights = SafetensorsWeights(cfg.model.path)
+    if not set(dict(teacher.named_parameters())) <= set(weights):
+        weights = model_weights(teacher)
     del teacher
+    gc.collect()
+    student = prune_model(weights, adapter, kept, student_cfg, DTYPES[p.precision], attn).to(device)
+    del weights
+    student_loss = evaluate(student, data.val, p.calibration.micro_batch_size, gang, device, p.depth.eval_blocks)
+    student_params = sum(t.numel() for t in student.parameters())
 
     manifest = {
         "teacher": {"path": str(Path(cfg.model.path).resolve()), "content_hash": content_hash,

@@ -1,12 +1,16 @@
 """Build the student from the teacher's weights and the kept indices.
 
 Every student tensor is the teacher's tensor (from the kept layer it replaces) indexed along the
-axes the family adapter names, copied straight into the student's allocated parameter, so peak
-memory is teacher + student + one tensor. Buffers (rotary frequencies) are copied whole: head_dim
-and the rope settings never change.
+axes the family adapter names, copied straight into the student's parameter. The teacher's
+tensors come from a Mapping: an in-memory model's (`models.weights.model_weights`) or its
+checkpoint files read one tensor at a time (`SafetensorsWeights`), in which case the teacher need
+not be in memory at all and the peak is the student plus one teacher tensor. Buffers (rotary
+frequencies) depend only on head_dim and the rope settings, which never change: copied when the
+source has them, else the student's own are already the same.
 """
 import re
 from contextlib import nullcontext
+from typing import Mapping
 
 import torch
 
@@ -43,27 +47,29 @@ def _no_init():
 
 
 @torch.no_grad()
-def prune_model(teacher, adapter: FamilyAdapter, kept: Kept, student_cfg, head_dim: int):
+def prune_model(weights: Mapping[str, torch.Tensor], adapter: FamilyAdapter, kept: Kept, student_cfg,
+                dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """A new transformers model with `student_cfg`'s shape holding the kept teacher weights."""
     from transformers import AutoModelForCausalLM
 
     with _no_init():
-        student = AutoModelForCausalLM.from_config(
-            student_cfg, dtype=teacher.dtype, attn_implementation=teacher.config._attn_implementation)
+        student = AutoModelForCausalLM.from_config(student_cfg, dtype=dtype,
+                                                   attn_implementation=attn_implementation)
     student.tie_weights()  # no_init_weights also skips tying; tied embeddings must stay one tensor
-    teacher_tensors = dict(teacher.named_parameters())
-    teacher_buffers = dict(teacher.named_buffers())
     for name, param in student.named_parameters():
         axes, layer = adapter.axes_of(name)
-        source = name if layer is None else _teacher_name(name, kept.layers[layer])
-        param.copy_(sliced(teacher_tensors[source], axes, _axis_indices(kept, layer, head_dim)))
+        indices = _axis_indices(kept, layer, student_cfg.head_dim)
+        param.copy_(sliced(weights[_teacher_name(name, kept.layers, layer)], axes, indices))
     for name, buf in student.named_buffers():
         layer = re.match(r"model\.layers\.(\d+)\.", name)
-        source = name if layer is None else _teacher_name(name, kept.layers[int(layer.group(1))])
-        buf.copy_(teacher_buffers[source])
+        source = _teacher_name(name, kept.layers, int(layer.group(1)) if layer else None)
+        if source in weights:
+            buf.copy_(weights[source])
     student.eval()
     return student
 
 
-def _teacher_name(student_name: str, teacher_layer: int) -> str:
-    return re.sub(r"^model\.layers\.\d+\.", f"model.layers.{teacher_layer}.", student_name)
+def _teacher_name(student_name: str, kept_layers, layer) -> str:
+    if layer is None:
+        return student_name
+    return re.sub(r"^model\.layers\.\d+\.", f"model.layers.{kept_layers[layer]}.", student_name)

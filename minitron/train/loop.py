@@ -99,12 +99,31 @@ def evaluate(model, val_blocks: np.ndarray, micro_batch_size: int, gang, device:
     for start in range(0, per_rank, micro_batch_size):
         idx = rows[start:start + micro_batch_size]
         input_ids = torch.from_numpy(np.asarray(val_blocks[idx], dtype=np.int64)).to(device)
-        logits = model(input_ids=input_ids).logits[:, :-1]
-        per_token = F.cross_entropy(logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none")
         w = torch.from_numpy(weights[start:start + micro_batch_size])
-        total += torch.stack([(per_token.mean(1).double().cpu() * w).sum(), w.sum()])
+        total += torch.stack([(sequence_losses(model, input_ids).double().cpu() * w).sum(), w.sum()])
     total = gang.all_reduce_sum(total)
     return (total[0] / total[1]).item()
+
+
+# Families whose logits are exactly lm_head(final hidden states): their loss is computed over
+# chunks of tokens, so [batch x seq x vocab] float32 logits never exist at once (16 GB for 8
+# sequences of 4096 tokens over a 128k vocabulary).
+PLAIN_LM_HEAD = ("llama", "mistral", "qwen2", "qwen3")
+LOSS_CHUNK_TOKENS = 1024
+
+
+def sequence_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """[batch] mean next-token cross-entropy of each sequence (float32)."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    if getattr(module.config, "model_type", None) not in PLAIN_LM_HEAD:
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+        return F.cross_entropy(logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none").mean(1)
+    hidden = module.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+    targets = input_ids[:, 1:].flatten()
+    head = module.get_output_embeddings()
+    per_token = torch.cat([F.cross_entropy(head(h).float(), t, reduction="none")
+                           for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
+    return per_token.view(input_ids.shape[0], -1).mean(1)
 
 
 def _grad_norm(engine) -> float:

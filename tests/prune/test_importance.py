@@ -13,6 +13,7 @@ from minitron.prune.importance import (batch_aggregate, collect_activation_stats
                                        scores_from_stats, seq_aggregate)
 from minitron.prune.select import Kept, select_kept
 from minitron.prune.shape import head_dim_of, student_config, teacher_shape
+from minitron.models.weights import model_weights
 from minitron.prune.slicing import prune_model
 from minitron.train.loop import evaluate
 from random_models import random_model
@@ -101,7 +102,7 @@ def test_removal_loss_equals_a_model_built_without_the_layers():
                 "kv_heads": [list(range(2))] * 2}
         kept = Kept(layers=layers, **full)
         target = dataclasses.replace(shape, num_layers=2)
-        smaller = prune_model(model, adapter, kept, student_config(model.config, adapter, target, layers),
-                              head_dim_of(model.config))
+        smaller = prune_model(model_weights(model), adapter, kept, student_config(model.config, adapter, target, layers),
+                              attn_implementation="eager")
         want = evaluate(smaller, val, 4, LocalGang(), CPU, 6)
         assert losses[start].item() == pytest.approx(want, rel=1e-6)

@@ -20,6 +20,7 @@ from minitron.models.adapters import adapter_for
 from minitron.prune.importance import collect_activation_stats, removal_losses, scores_from_stats
 from minitron.prune.select import select_kept
 from minitron.prune.shape import head_dim_of, student_config, teacher_shape
+from minitron.models.weights import model_weights
 from minitron.prune.slicing import prune_model
 from minitron.train.loop import evaluate
 
@@ -47,7 +48,8 @@ def test_importance_beats_random_pruning_on_the_embedded_teacher(embedded_teache
 
     def val_loss_after(target, seed=None):
         kept = select_kept(scores, shape, target, depth, removal_loss=per_layer_loss, seed=seed)
-        student = prune_model(teacher, adapter, kept, student_config(teacher.config, adapter, target, kept.layers), hd)
+        student = prune_model(model_weights(teacher), adapter, kept,
+                              student_config(teacher.config, adapter, target, kept.layers))
         return evaluate(student, val, 8, gang, CPU, EVAL_BLOCKS)
 
     teacher_loss = evaluate(teacher, val, 8, gang, CPU, EVAL_BLOCKS)

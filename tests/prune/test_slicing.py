@@ -12,6 +12,7 @@ from minitron.config import ConfigError, DepthConfig, PruneExportConfig
 from minitron.models.adapters import adapter_for
 from minitron.prune.select import select_kept
 from minitron.prune.shape import head_dim_of, resolve_target, student_config, teacher_shape
+from minitron.models.weights import SafetensorsWeights, model_weights
 from minitron.prune.slicing import prune_model
 from random_models import FAMILIES, random_model
 
@@ -50,8 +51,8 @@ def prune(teacher, export: PruneExportConfig, seed: int = 1, contiguous=False):
                    "cos": torch.rand(cfg.num_hidden_layers + 1, cfg.num_hidden_layers + 1)}
     kept = select_kept(fake_scores, shape, target, DepthConfig(metric="block_importance", contiguous=contiguous),
                        seed=seed)
-    hd = head_dim_of(teacher.config)
-    student = prune_model(teacher, adapter, kept, student_config(teacher.config, adapter, target, kept.layers), hd)
+    student = prune_model(model_weights(teacher), adapter, kept, student_config(teacher.config, adapter, target, kept.layers),
+                          attn_implementation="eager")
     return student, kept
 
 
@@ -138,3 +139,21 @@ def test_unset_targets_keep_the_teacher_and_mha_stays_mha():
 def test_model_type_without_adapter_lists_the_supported_ones():
     with pytest.raises(ConfigError, match="^model.path: model type 'gpt2' has no pruning adapter; supported: llama"):
         adapter_for(AutoConfig.for_model("gpt2"))
+
+
+@pytest.mark.parametrize("family", ["llama_tied_bias", "qwen2"])
+def test_building_from_the_checkpoint_files_equals_building_from_the_model(tmp_path, family):
+    teacher = random_model(family)
+    teacher.save_pretrained(tmp_path)
+    adapter = adapter_for(teacher.config)
+    shape = teacher_shape(teacher.config)
+    target = resolve_target(shape, PruneExportConfig(hidden_size=40, ffn_hidden_size=50, num_layers=3))
+    _, kept = prune(teacher, PruneExportConfig(hidden_size=40, ffn_hidden_size=50, num_layers=3))
+    cfg = student_config(teacher.config, adapter, target, kept.layers)
+    from_model = prune_model(model_weights(teacher), adapter, kept, cfg).state_dict()
+    from_files = prune_model(SafetensorsWeights(str(tmp_path)), adapter, kept, cfg)
+    assert from_files.state_dict().keys() == from_model.keys()
+    for name, tensor in from_files.state_dict().items():
+        assert torch.equal(tensor, from_model[name]), name
+    for name, buf in from_files.named_buffers():
+        assert torch.equal(buf, dict(teacher.named_buffers())[name]), name
