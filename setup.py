@@ -35,5 +35,6 @@ setup(
         "eval": ["lm-eval>=0.4"],
     },
     entry_points={"console_scripts": ["minitron-train=minitron.cli.train:main",
-                                        "minitron-prune=minitron.cli.prune:main"]},
+                                        "minitron-prune=minitron.cli.prune:main",
+                                        "minitron-distill=minitron.cli.distill:main"]},
 )

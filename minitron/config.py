@@ -5,7 +5,7 @@ here with a comment on what it means. Checks that need no data or model (cheap) 
 `check_*` functions so every entry point can run them before any expensive work.
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -35,6 +35,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attn_implementation: str = "auto"
     """`auto` picks flash_attention_2 when flash-attn imports and a GPU is present, else sdpa."""
+    init: str = "pretrained"
+    """pretrained: load the weights at `path`; random: keep its architecture, initialise from `seed`."""
 
 
 @dataclass
@@ -197,17 +199,76 @@ class PruneJobConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
 
 
+@dataclass
+class LogitLossConfig:
+    divergence: str = "forward_kl"
+    """forward_kl (KL(teacher || student)), reverse_kl, jsd (generalised, see beta) or none."""
+    temperature: float = 1.0
+    """Both distributions are softened by this temperature."""
+    scale_by_t2: bool = False
+    """Multiply the divergence by temperature^2 (keeps gradient scale across temperatures)."""
+    top_k: int = 0
+    """Keep only the teacher's k most likely tokens (both distributions renormalised); 0: all."""
+    beta: float = 0.5
+    """jsd only: the mixture weight of the teacher, in (0, 1); 0.5 is the Jensen-Shannon divergence."""
+    ce_weight: float = 0.0
+    """Weight of a next-token cross-entropy term on the student (arXiv 2407.14679 found 0 best)."""
+    chunk_tokens: int = 1024
+    """Tokens per chunk of the fused logit loss: bounds its memory to chunk x vocab floats."""
+
+
+@dataclass
+class IntermediateLossConfig:
+    pairs: List[List[int]] = field(default_factory=list)
+    """[student_index, teacher_index] hidden states to match, indexed like transformers'
+    hidden_states (0: embeddings, i: output of layer i, L: final normed; negative from the end)."""
+    loss: str = "cosine"
+    """cosine (1 - cos per token) or mse."""
+    projection: bool = True
+    """A learned linear map from student to teacher width when they differ (not exported)."""
+    weight: Optional[float] = None
+    """Fixed weight of the summed hidden-state losses; null: dynamic, L_logits / L_hidden."""
+
+
+@dataclass
+class DistillConfig:
+    name: str = "logits"
+    """Preset name (informational; pick presets with `distill=<name>`)."""
+    logits: LogitLossConfig = field(default_factory=LogitLossConfig)
+    intermediate: IntermediateLossConfig = field(default_factory=IntermediateLossConfig)
+
+
+@dataclass
+class DistillJobConfig:
+    output_dir: str = "runs/distill"
+    seed: int = 0
+    resume: str = "auto"
+    """auto: continue from the newest checkpoint in output_dir if there is one; never: start fresh."""
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen teacher: `teacher.path` (not needed by distill=lm)."""
+    student: ModelConfig = field(default_factory=ModelConfig)
+    """The student: `student.path`, e.g. a minitron-prune output (student.init=random to start over)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
     cs.store(name="prune_schema", node=PruneJobConfig)
+    cs.store(name="distill_schema", node=DistillJobConfig)
+    cs.store(group="distill", name="distill_loss_schema", node=DistillConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
 
-def check_train_config(cfg: TrainJobConfig, world_size: int) -> None:
-    """Checks that need neither data nor model weights; raise ConfigError naming the key."""
+def check_train_config(cfg, world_size: int) -> None:
+    """Checks that need neither data nor model weights; raise ConfigError naming the key.
+    `cfg` is any job config with train, data, deepspeed, logger and resume (train or distill)."""
     t = cfg.train
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps: must be at least 1, got {t.max_steps}")

@@ -51,3 +51,33 @@ def gathered_parameters(engine):
     if engine.zero_optimization_stage() == 3:
         return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     return contextlib.nullcontext()
+
+
+def full_parameters(params):
+    """Context in which `params` hold their full values; a no-op for parameters ZeRO-3 does not
+    partition."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def local_numel(param: torch.nn.Parameter) -> int:
+    """Elements this rank holds for `param`: its ZeRO-3 partition (plus the whole of it when
+    ZeRO-3 keeps a small parameter resident), else all of it."""
+    if not hasattr(param, "ds_id"):
+        return param.numel()
+    return param.ds_tensor.numel() + (param.ds_numel if getattr(param, "ds_persist", False) else 0)
+
+
+def place_frozen(model: torch.nn.Module, train_config: Dict[str, Any], device: torch.device):
+    """(run, model) for a frozen model next to a trained one: under ZeRO-3 it is partitioned by a
+    DeepSpeed engine of its own with no optimizer (DeepSpeed-Chat's reference-model recipe), so
+    each rank holds 1/world of it; otherwise it is replicated. `run` does a forward pass."""
+    if train_config["zero_optimization"].get("stage", 0) != 3:
+        model = model.to(device)
+        return model, model
+    keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+            "zero_optimization", "bf16", "steps_per_print", "wall_clock_breakdown")
+    engine, _, _, _ = deepspeed.initialize(model=model, config={k: train_config[k] for k in keep if k in train_config})
+    return engine, engine.module

@@ -25,10 +25,11 @@ from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang
 from minitron.models.adapters import adapter_for
 from minitron.models.weights import SafetensorsWeights, model_weights
-from minitron.models.build import build_model, count_params, max_positions, resolve_hf_config
+from minitron.models.build import (build_model, count_params, has_tokenizer, head_dim_of, local_checkpoint,
+                                   max_positions, resolve_hf_config)
 from minitron.prune import importance
 from minitron.prune.select import select_kept
-from minitron.prune.shape import head_dim_of, resolve_target, student_config, teacher_shape
+from minitron.prune.shape import resolve_target, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
 from minitron.train.job import write_json_atomic
 from minitron.train.loop import evaluate
@@ -76,7 +77,7 @@ def check_prune_inputs(cfg: PruneJobConfig):
     if not list(Path(cfg.model.path).glob("*.safetensors")) + list(Path(cfg.model.path).glob("*.bin")):
         raise ConfigError(f"model.path: {cfg.model.path} has a config.json but no weights (*.safetensors, *.bin)")
     if not cfg.data.tokenizer:
-        if not any((Path(cfg.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if not has_tokenizer(cfg.model.path):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = cfg.model.path
     check_source(cfg.data)
@@ -84,19 +85,6 @@ def check_prune_inputs(cfg: PruneJobConfig):
         raise ConfigError(f"output_dir: {out} exists and is not a minitron pruning output; "
                           "choose a new directory")
     return teacher_cfg, adapter, shape, target
-
-
-def local_checkpoint(path: str) -> str:
-    """A local directory as is; a hub name is fetched into the Hugging Face cache (the weights
-    are hashed and read from disk)."""
-    if Path(path).expanduser().is_dir():
-        return str(Path(path).expanduser())
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    except Exception as e:
-        raise ConfigError(f"model.path: cannot fetch {path!r}: {str(e).splitlines()[0]}") from None
 
 
 def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:

@@ -9,6 +9,7 @@ from typing import Sequence
 
 from minitron.config import ConfigError, PruneExportConfig
 from minitron.models.adapters import FamilyAdapter
+from minitron.models.build import head_dim_of
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,6 @@ class Shape:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def head_dim_of(hf_config) -> int:
-    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
 def teacher_shape(hf_config) -> Shape:

@@ -1,5 +1,6 @@
 """Checkpoints through the DeepSpeed engine (model, optimizer, scheduler) plus what DeepSpeed does
 not keep: the step (which fixes the data position, see data/sampler.py) and each rank's RNG."""
+import os
 import random
 import shutil
 from pathlib import Path
@@ -16,9 +17,15 @@ def tag_for(step: int) -> str:
 def save(engine, root: Path, step: int, rank: int, keep: int) -> None:
     tag_dir = root / tag_for(step)
     tag_dir.mkdir(parents=True, exist_ok=True)
-    # RNG first: DeepSpeed writes `latest` last, so a kill before it leaves the previous checkpoint.
+    # `latest` is written last, atomically, once every rank has finished (save_checkpoint ends in a
+    # barrier): a kill at any moment leaves it naming a complete checkpoint. DeepSpeed's own
+    # `latest` is opened before it is written, and a kill in between left an empty file.
     torch.save(_rng_state(), tag_dir / f"rng_rank{rank}.pt")
-    engine.save_checkpoint(str(root), tag=tag_for(step), client_state={"step": step})
+    engine.save_checkpoint(str(root), tag=tag_for(step), client_state={"step": step}, save_latest=False)
+    if rank == 0:
+        tmp = root / ".latest.tmp"
+        tmp.write_text(tag_for(step))
+        os.replace(tmp, root / "latest")
     if rank == 0 and keep > 0:
         for old in sorted(root.glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -28,10 +35,12 @@ def load_latest(engine, root: Path, rank: int) -> Optional[int]:
     """Restore the newest checkpoint under `root`; return its step, or None if there is none."""
     if not (root / "latest").is_file():
         return None
-    path, client_state = engine.load_checkpoint(str(root))
+    tag = (root / "latest").read_text().strip()
+    if not tag:
+        return None
+    path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
         return None
-    tag = (root / "latest").read_text().strip()
     rng_file = root / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -16,7 +16,7 @@ from minitron.data.packing import build_or_load
 from minitron.data.sampler import BlockSampler
 from minitron.dist.engine import deepspeed_config, gathered_parameters, initialize
 from minitron.dist.gang import init_gang, world_size_from_env
-from minitron.models.build import build_model, count_params, max_positions, resolve_hf_config
+from minitron.models.build import build_model, count_params, has_tokenizer, max_positions, resolve_hf_config
 from minitron.train import checkpoint
 from minitron.train.loop import lm_loss, train_loop
 from minitron.train.schedule import build_optimizer
@@ -35,7 +35,7 @@ def check_inputs(cfg: TrainJobConfig, world_size: int):
     if cfg.data.seq_len > limit:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's maximum positions ({limit})")
     if cfg.model.path and not cfg.data.tokenizer:
-        if not any((Path(cfg.model.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if not has_tokenizer(cfg.model.path):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = cfg.model.path
     return hf_config
@@ -104,15 +104,18 @@ def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
     return summary
 
 
-def export_model(engine, tokenizer, model_dir: Path, gang) -> Path:
-    """A plain transformers checkpoint (safetensors + tokenizer), renamed into place only once
-    complete so a crash never leaves a directory that looks finished."""
+def export_model(engine, tokenizer, model_dir: Path, gang, model=None, extra_files=None) -> Path:
+    """A plain transformers checkpoint (safetensors + tokenizer) of `model` (default: the
+    engine's whole module) plus `extra_files` {name: text}, renamed into place only once complete
+    so a crash never leaves a directory that looks finished."""
     tmp = model_dir.with_name(f".{model_dir.name}.tmp")
     with gathered_parameters(engine):
         if gang.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            engine.module.save_pretrained(tmp)
+            (model or engine.module).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
             shutil.rmtree(model_dir, ignore_errors=True)
             os.replace(tmp, model_dir)
     gang.barrier()

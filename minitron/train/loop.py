@@ -28,16 +28,21 @@ class LoopResult:
     train_loss: float
     val_loss: float
     tokens_per_s: float
+    last_metrics: Dict[str, float]
+    """The last step's extras from the loss function (global means), e.g. {"kd": ...}."""
 
 
 def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: TrainConfig, gang,
                tracker, start_step: int, save_checkpoint: Callable[[int], None],
-               device: torch.device) -> LoopResult:
+               device: torch.device, eval_model=None) -> LoopResult:
+    """Train from `start_step` to cfg.max_steps. `eval_model` is what the validation loss is
+    measured on (default: the engine's model; distillation passes the student alone)."""
+    eval_model = eval_model if eval_model is not None else engine
     seq_len = sampler.blocks.shape[1]
     tokens_per_step = cfg.global_batch_size * seq_len
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=gang.rank != 0, desc="train",
                dynamic_ncols=True)
-    train_loss, val_loss = float("nan"), float("nan")
+    train_loss, val_loss, means = float("nan"), float("nan"), {}
     timed_tokens, timed_seconds = 0, 0.0
     for step in range(start_step, cfg.max_steps):
         engine.train()
@@ -67,7 +72,7 @@ def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: Tr
                    "train/grad_norm": _grad_norm(engine), "train/tokens_per_s": tokens_per_step / dt,
                    "train/tokens_seen": done * tokens_per_step}
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            val_loss = evaluate(engine, val_blocks, cfg.micro_batch_size, gang, device, cfg.eval_blocks)
+            val_loss = evaluate(eval_model, val_blocks, cfg.micro_batch_size, gang, device, cfg.eval_blocks)
             metrics.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
         if done % cfg.log_every == 0 or "val/loss" in metrics:
             tracker.log(metrics, step=done)
@@ -77,10 +82,11 @@ def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: Tr
             save_checkpoint(done)
     bar.close()
     if math.isnan(val_loss):
-        val_loss = evaluate(engine, val_blocks, cfg.micro_batch_size, gang, device, cfg.eval_blocks)
+        val_loss = evaluate(eval_model, val_blocks, cfg.micro_batch_size, gang, device, cfg.eval_blocks)
     return LoopResult(steps=cfg.max_steps, tokens_seen=cfg.max_steps * tokens_per_step,
                       train_loss=train_loss, val_loss=val_loss,
-                      tokens_per_s=timed_tokens / timed_seconds if timed_seconds else float("nan"))
+                      tokens_per_s=timed_tokens / timed_seconds if timed_seconds else float("nan"),
+                      last_metrics=means)
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ from minitron.models.adapters import adapter_for
 from minitron.prune.importance import (batch_aggregate, collect_activation_stats, removal_losses,
                                        scores_from_stats, seq_aggregate)
 from minitron.prune.select import Kept, select_kept
-from minitron.prune.shape import head_dim_of, student_config, teacher_shape
+from minitron.models.build import head_dim_of
+from minitron.prune.shape import student_config, teacher_shape
 from minitron.models.weights import model_weights
 from minitron.prune.slicing import prune_model
 from minitron.train.loop import evaluate

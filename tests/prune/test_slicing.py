@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from minitron.config import ConfigError, DepthConfig, PruneExportConfig
 from minitron.models.adapters import adapter_for
 from minitron.prune.select import select_kept
-from minitron.prune.shape import head_dim_of, resolve_target, student_config, teacher_shape
+from minitron.models.build import head_dim_of
+from minitron.prune.shape import resolve_target, student_config, teacher_shape
 from minitron.models.weights import SafetensorsWeights, model_weights
 from minitron.prune.slicing import prune_model
 from random_models import FAMILIES, random_model

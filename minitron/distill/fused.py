@@ -1,0 +1,99 @@
+"""The logit loss computed chunk by chunk of tokens, straight from final hidden states and the
+two `lm_head` weights, so [tokens x vocab] float32 logits never exist for the whole batch.
+
+For 8 sequences of 4096 tokens over a 128k vocabulary, full float32 logits are 16 GiB per model,
+and a naive KL keeps several such tensors (both log-softmaxes, their difference, the gradient).
+Here each chunk's logits are made, turned into a loss and a gradient with respect to the
+student's logits, and folded into the gradients for the student's hidden states and `lm_head`
+weight right away (the approach of Liger-Kernel's fused linear cross-entropy); only one chunk's
+logits are alive at a time, and backward just hands the stored gradients on. The per-chunk loss
+is `losses.token_losses`, so every divergence and option of the pure functions works here.
+
+Correct under ZeRO-3 as long as the caller passes full (gathered) weights: the gradient for the
+weight is returned to autograd whole, and DeepSpeed partitions it as usual. With tied embeddings
+the weight is the embedding matrix and autograd adds both gradients.
+"""
+from typing import Dict, Tuple
+
+import torch
+
+from minitron.distill import losses
+
+
+class _ChunkedLogitLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, targets, vocab_size,
+                spec, chunk_tokens):
+        num_tokens = student_hidden.shape[0]
+        w_student = student_weight[:vocab_size]
+        w_teacher = teacher_weight[:vocab_size] if teacher_weight is not None else None
+        grad_hidden = torch.empty_like(student_hidden)
+        grad_weight = torch.zeros_like(student_weight)  # rows past vocab_size (padding) get none
+        sums = torch.zeros(3, dtype=torch.float64, device=student_hidden.device)  # loss, kd, ce
+        for start in range(0, num_tokens, chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            h = student_hidden[rows]
+            teacher_logits = teacher_hidden[rows] @ w_teacher.T if w_teacher is not None else None
+            logits = h @ w_student.T
+            if is_plain_forward_kl(spec):
+                kd, grad_logits = forward_kl_with_grad(logits, teacher_logits, spec.temperature, spec.scale_by_t2)
+                del logits  # only the gradient (made in place of the student's probabilities) lives on
+                grad_logits = grad_logits.div_(num_tokens).to(h.dtype)
+                ce, chunk_loss = None, kd.sum() / num_tokens
+            else:
+                with torch.enable_grad():
+                    logits.requires_grad_()
+                    kd, ce = losses.token_losses(logits, teacher_logits, targets[rows], spec)
+                    chunk_loss = losses.combine_token_losses(kd, ce, spec).sum() / num_tokens
+                    (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
+            grad_hidden[rows] = grad_logits @ w_student
+            grad_weight[:vocab_size].addmm_(grad_logits.T, h)
+            sums += torch.stack([chunk_loss.detach().double() * num_tokens,
+                                 kd.detach().sum().double() if kd is not None else sums.new_zeros(()),
+                                 ce.detach().sum().double() if ce is not None else sums.new_zeros(())])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        means = (sums / num_tokens).float()
+        ctx.mark_non_differentiable(means)
+        return means[0], means
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_means):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
+                None, None, None, None, None, None)
+
+
+def is_plain_forward_kl(spec) -> bool:
+    return (spec.divergence == "forward_kl" and not spec.top_k and not spec.ce_weight)
+
+
+def forward_kl_with_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                         scale_by_t2: bool):
+    """The default loss without autograd: [N] KL(p || q) and its gradient with respect to the
+    student's logits, (q - p) / T (times T^2 if scaled), with p, q the softened teacher and student
+    distributions. Equal to `losses.logit_divergence` (tested), with about half the [N x V]
+    temporaries of differentiating it: everything after the log-softmaxes is done in place.
+    Returns (kd [N], gradient [N, V] float32)."""
+    logq = losses._at_least_fp32(student_logits).div(temperature).log_softmax(-1)
+    logp = losses._at_least_fp32(teacher_logits).div(temperature).log_softmax(-1)
+    p = logp.exp()
+    kd = torch.linalg.vecdot(p, logp.sub_(logq))
+    del logp
+    factor = temperature if scale_by_t2 else 1.0 / temperature  # d/dz of T^2 * KL = T * (q - p)
+    grad = logq.exp_().sub_(p).mul_(factor)
+    return (kd * temperature ** 2 if scale_by_t2 else kd), grad
+
+
+def chunked_logit_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                       teacher_hidden, teacher_weight, targets: torch.Tensor, vocab_size: int, spec,
+                       chunk_tokens: int = 1024) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Mean over the N tokens of `losses.combine_token_losses` for logits `hidden @ weight[:vocab].T`.
+
+    student_hidden [N, H] and student_weight [V, H] get gradients; teacher_hidden [N, K] and
+    teacher_weight [V', K] are constants (both None when the spec has no divergence term).
+    `vocab_size` is the shared tokenizer's size: padded vocabulary rows beyond it are ignored.
+    Returns the loss and its detached parts {"kd", "ce"} (means over tokens).
+    """
+    loss, means = _ChunkedLogitLoss.apply(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                          targets, vocab_size, spec, chunk_tokens)
+    return loss, {"kd": means[1], "ce": means[2]}

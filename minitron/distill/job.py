@@ -1,0 +1,272 @@
+"""The distillation job: check every input that needs no weights (paths, tokenizers, layer
+pairs, widths), build the frozen teacher and the student, run the one training loop with the
+distillation loss, and export the student alone.
+"""
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from minitron.config import ConfigError, DistillJobConfig, check_train_config
+from minitron.data.corpus import check_source
+from minitron.data.packing import build_or_load
+from minitron.data.sampler import BlockSampler
+from minitron.dist.engine import (deepspeed_config, full_parameters, initialize, local_numel,
+                                  place_frozen)
+from minitron.dist.gang import init_gang, world_size_from_env
+from minitron.distill.distiller import Distiller
+from minitron.distill.hidden import make_projection, resolve_index
+from minitron.distill.losses import DIVERGENCES
+from minitron.distill.teacher import Teacher, freeze
+from minitron.models.build import (build_model, count_params, has_tokenizer, local_checkpoint,
+                                   max_positions, resolve_hf_config)
+from minitron.train import checkpoint, flops
+from minitron.train.job import export_model, write_json_atomic
+from minitron.train.loop import evaluate, train_loop
+from minitron.train.schedule import build_optimizer
+from minitron.train.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def needs_teacher(cfg: DistillJobConfig) -> bool:
+    return cfg.distill.logits.divergence != "none" or bool(cfg.distill.intermediate.pairs)
+
+
+def check_distill_inputs(cfg: DistillJobConfig, world_size: int):
+    """Cheap checks, in the order a user would fix them; returns (teacher config or None,
+    student config, resolved (student, teacher) hidden-state pairs)."""
+    check_train_config(cfg, world_size)
+    _check_loss_config(cfg)
+    if not cfg.student.path:
+        raise ConfigError("student.path: set it to the student checkpoint (a minitron-prune output or any "
+                          "causal LM sharing the teacher's tokenizer)")
+    teacher_cfg = None
+    if needs_teacher(cfg):
+        if not cfg.teacher.path:
+            raise ConfigError("teacher.path: set it to the teacher's Hugging Face checkpoint directory")
+        teacher_cfg = resolve_hf_config(cfg.teacher, vocab_size=0, key="teacher")
+        cfg.teacher.path = local_checkpoint(cfg.teacher.path, key="teacher")
+    student_cfg = resolve_hf_config(cfg.student, vocab_size=0, key="student")
+    cfg.student.path = local_checkpoint(cfg.student.path, key="student")
+    if cfg.student.init == "pretrained" and not _has_weights(cfg.student.path):
+        raise ConfigError(f"student.path: {cfg.student.path} has a config.json but no weights "
+                          "(*.safetensors, *.bin); set student.init=random to train it from scratch")
+    if teacher_cfg is not None and not _has_weights(cfg.teacher.path):
+        raise ConfigError(f"teacher.path: {cfg.teacher.path} has a config.json but no weights (*.safetensors, *.bin)")
+    for key, hf in (("teacher", teacher_cfg), ("student", student_cfg)):
+        if hf is not None and cfg.data.seq_len > max_positions(hf):
+            raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the {key}'s maximum positions "
+                              f"({max_positions(hf)})")
+    pairs = _resolve_pairs(cfg, teacher_cfg, student_cfg)
+    _check_tokenizers(cfg)
+    check_source(cfg.data)
+    return teacher_cfg, student_cfg, pairs
+
+
+def _check_loss_config(cfg: DistillJobConfig) -> None:
+    lg, it = cfg.distill.logits, cfg.distill.intermediate
+    if lg.divergence not in (*DIVERGENCES, "none"):
+        raise ConfigError(f"distill.logits.divergence: must be one of {', '.join(DIVERGENCES)}, none; "
+                          f"got {lg.divergence!r}")
+    if lg.temperature <= 0:
+        raise ConfigError(f"distill.logits.temperature: must be positive, got {lg.temperature}")
+    if lg.top_k < 0:
+        raise ConfigError(f"distill.logits.top_k: must be 0 (all tokens) or positive, got {lg.top_k}")
+    if not 0 < lg.beta < 1:
+        raise ConfigError(f"distill.logits.beta: must be in (0, 1), got {lg.beta}")
+    if lg.ce_weight < 0:
+        raise ConfigError(f"distill.logits.ce_weight: must be at least 0, got {lg.ce_weight}")
+    if lg.divergence == "none" and not lg.ce_weight:
+        raise ConfigError("distill.logits.ce_weight: with divergence=none it must be positive, or nothing trains")
+    if lg.chunk_tokens < 1:
+        raise ConfigError(f"distill.logits.chunk_tokens: must be at least 1, got {lg.chunk_tokens}")
+    if it.loss not in ("cosine", "mse"):
+        raise ConfigError(f"distill.intermediate.loss: must be cosine or mse, got {it.loss!r}")
+    if it.weight is not None and it.weight < 0:
+        raise ConfigError(f"distill.intermediate.weight: must be at least 0 or null (dynamic), got {it.weight}")
+    if cfg.student.init not in ("pretrained", "random"):
+        raise ConfigError(f"student.init: must be pretrained or random, got {cfg.student.init!r}")
+
+
+def _resolve_pairs(cfg, teacher_cfg, student_cfg) -> List[Tuple[int, int]]:
+    it = cfg.distill.intermediate
+    pairs = []
+    for pair in it.pairs:
+        if len(pair) != 2:
+            raise ConfigError(f"distill.intermediate.pairs: each entry is [student_index, teacher_index], got {list(pair)}")
+        resolved = []
+        for who, index, hf in (("student", pair[0], student_cfg), ("teacher", pair[1], teacher_cfg)):
+            num_layers = hf.num_hidden_layers
+            try:
+                resolved.append(resolve_index(index, num_layers))
+            except IndexError:
+                raise ConfigError(f"distill.intermediate.pairs: {who} index {index} is out of range for "
+                                  f"{num_layers} layers (valid: {-num_layers - 1}..{num_layers})") from None
+        pairs.append(tuple(resolved))
+    if pairs and student_cfg.hidden_size != teacher_cfg.hidden_size and not it.projection:
+        raise ConfigError(f"distill.intermediate.projection: the student's width {student_cfg.hidden_size} differs "
+                          f"from the teacher's {teacher_cfg.hidden_size}; hidden-state losses need the projection")
+    return pairs
+
+
+def _check_tokenizers(cfg) -> None:
+    """The data is tokenised with the teacher's tokenizer (unless data.tokenizer is set); a
+    student with a tokenizer of its own must have the same vocabulary."""
+    owner = cfg.teacher.path if needs_teacher(cfg) else cfg.student.path
+    if not cfg.data.tokenizer:
+        key = "teacher" if needs_teacher(cfg) else "student"
+        if not has_tokenizer(owner):
+            raise ConfigError(f"data.tokenizer: {key}.path {owner} has no tokenizer; set data.tokenizer")
+        cfg.data.tokenizer = owner
+    if needs_teacher(cfg) and has_tokenizer(cfg.student.path):
+        from transformers import AutoTokenizer
+
+        teacher_vocab = AutoTokenizer.from_pretrained(cfg.data.tokenizer).get_vocab()
+        student_vocab = AutoTokenizer.from_pretrained(cfg.student.path).get_vocab()
+        if teacher_vocab != student_vocab:
+            differ = len(set(teacher_vocab.items()) ^ set(student_vocab.items()))
+            raise ConfigError(f"student.path: its tokenizer differs from the teacher's ({len(student_vocab)} vs "
+                              f"{len(teacher_vocab)} tokens, {differ} entries differ); distillation needs one "
+                              "shared tokenizer")
+
+
+def _has_weights(path: str) -> bool:
+    return any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.bin"))
+
+
+def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
+    teacher_cfg, student_cfg, pairs = check_distill_inputs(cfg, world_size_from_env())
+    gang = init_gang()
+    out = Path(cfg.output_dir)
+    if gang.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
+
+    data = build_or_load(cfg.data, gang)
+    tokenizer = data.tokenizer()
+    vocab = len(tokenizer)
+    for key, hf in (("teacher", teacher_cfg), ("student", student_cfg)):
+        if hf is not None and vocab > hf.vocab_size:
+            raise ConfigError(f"data.tokenizer: {vocab} tokens do not fit the {key}'s vocabulary of {hf.vocab_size}")
+    dtype = DTYPES[cfg.train.precision]
+    world = gang.world_size
+    ds_config = deepspeed_config(cfg.train, cfg.deepspeed, world)
+
+    student = build_model(cfg.student, student_cfg, seed=cfg.seed, dtype=dtype)
+    projection = None
+    if pairs and student_cfg.hidden_size != teacher_cfg.hidden_size:
+        projection = make_projection(student_cfg.hidden_size, teacher_cfg.hidden_size,
+                                     _kept_hidden(cfg.student.path, teacher_cfg.hidden_size), seed=cfg.seed).to(dtype)
+    it = cfg.distill.intermediate
+    distiller = Distiller(student, cfg.distill.logits, vocab, cfg.distill.logits.chunk_tokens, pairs, it.loss,
+                          projection, it.weight)
+    optimizer, scheduler = build_optimizer(distiller, cfg.train)
+    engine = initialize(distiller, optimizer, scheduler, ds_config)
+    device = engine.device
+
+    teacher, teacher_info = None, {}
+    if teacher_cfg is not None:
+        model = freeze(build_model(cfg.teacher, teacher_cfg, seed=cfg.seed, dtype=dtype))
+        run, model = place_frozen(model, ds_config, device)
+        teacher = Teacher(model, run, sorted({t for _, t in pairs}), full_parameters)
+        teacher_info = _teacher_memory(model, gang)
+        log.info("teacher: %s parameters, %.3f GiB on each rank (%s)", f"{teacher_info['teacher_params']:,}",
+                 teacher_info["teacher_bytes_per_rank"][gang.rank] / 2**30,
+                 "ZeRO-3 shards" if ds_config["zero_optimization"].get("stage") == 3 else "replicated")
+        teacher_info["teacher_val_loss"] = evaluate(model, data.val, cfg.train.micro_batch_size, gang, device,
+                                                    cfg.train.eval_blocks)
+        teacher_info["teacher_val_ppl"] = math.exp(min(teacher_info["teacher_val_loss"], 50.0))
+
+    ckpt_root = out / "checkpoints"
+    start_step = 0
+    if cfg.resume == "auto":
+        start_step = checkpoint.load_latest(engine, ckpt_root, gang.rank) or 0
+        if start_step:
+            log.info("resumed from %s at step %d", ckpt_root, start_step)
+
+    student_params = count_params(student_cfg)
+    tracker = make_tracker(cfg.logger, out, {"student_params": student_params, "preset": cfg.distill.name,
+                                             **teacher_info}, gang.rank)
+    sampler = BlockSampler(data.train, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                           gang.rank, world, cfg.seed)
+    result = train_loop(
+        engine, distillation_loss(teacher), sampler, data.val, cfg.train, gang, tracker, start_step,
+        save_checkpoint=lambda step: checkpoint.save(engine, ckpt_root, step, gang.rank, cfg.train.keep_checkpoints),
+        device=device, eval_model=distiller.student)
+
+    per_token = flops.flops_per_token(cfg.data.seq_len, student_params, student_cfg,
+                                      teacher_info.get("teacher_params", 0), teacher_cfg)
+    summary = {
+        "val_loss": result.val_loss,
+        "val_ppl": math.exp(min(result.val_loss, 50.0)),
+        "train_loss": result.train_loss,
+        **{f"{k}_loss" if k in ("kd", "ce") else k: v for k, v in result.last_metrics.items()},
+        **teacher_info,
+        "student_params": student_params,
+        "tokens_seen": result.tokens_seen,
+        "steps": result.steps,
+        "tokens_per_s": result.tokens_per_s,
+        "mfu": flops.mfu(result.tokens_per_s, per_token, cfg.train.precision, world),
+        "world_size": world,
+        "preset": cfg.distill.name,
+        "attn_implementation": student.config._attn_implementation,
+        "output_model": str((out / "model").resolve()),
+    }
+    manifest = {"teacher": cfg.teacher.path if teacher is not None else None, "student": cfg.student.path,
+                "student_init": cfg.student.init, "preset": cfg.distill.name,
+                "distill": asdict(cfg.distill),
+                "tokens_seen": result.tokens_seen, "steps": result.steps, "final": summary}
+    extra_files = {"distill.json": json.dumps(manifest, indent=2) + "\n"}
+    pruning = Path(cfg.student.path) / "pruning.json"
+    if pruning.is_file():
+        extra_files["pruning.json"] = pruning.read_text()
+    export_model(engine, tokenizer, out / "model", gang, model=distiller.student, extra_files=extra_files)
+    tracker.log({"final/val_loss": summary["val_loss"], "final/val_ppl": summary["val_ppl"],
+                 **({"final/mfu": summary["mfu"]} if summary["mfu"] is not None else {})}, step=result.steps)
+    tracker.finish()
+    if gang.rank == 0:
+        write_json_atomic(out / "summary.json", summary)
+    gang.barrier()
+    return summary
+
+
+def distillation_loss(teacher: Optional[Teacher]):
+    """The loop's loss_fn: the teacher's outputs for the micro-batch, then the student engine's
+    forward (Distiller.forward), which returns (loss, extras)."""
+    def loss_fn(engine, input_ids):
+        if teacher is None:
+            return engine(input_ids)
+        with teacher.outputs(input_ids) as teacher_outputs:
+            return engine(input_ids, teacher_outputs)
+    return loss_fn
+
+
+def _kept_hidden(student_path: str, teacher_width: int) -> Optional[list]:
+    """kept.hidden from a student pruned from a teacher of this width (its pruning.json)."""
+    path = Path(student_path) / "pruning.json"
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("teacher", {}).get("shape", {}).get("hidden_size") != teacher_width:
+        return None
+    return manifest.get("kept", {}).get("hidden")
+
+
+def _teacher_memory(model, gang) -> dict:
+    """Parameters in total, and bytes held by each rank (about 1/world each under ZeRO-3)."""
+    per_rank = torch.zeros(gang.world_size, dtype=torch.float64)
+    per_rank[gang.rank] = float(sum(local_numel(p) * p.element_size() for p in model.parameters()))
+    per_rank = gang.all_reduce_sum(per_rank)
+    counts = torch.zeros(gang.world_size, dtype=torch.float64)
+    counts[gang.rank] = float(sum(local_numel(p) for p in model.parameters()))
+    counts = gang.all_reduce_sum(counts)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return {"teacher_params": int(total), "teacher_params_per_rank": [int(c) for c in counts.tolist()],
+            "teacher_bytes_per_rank": [int(b) for b in per_rank.tolist()]}

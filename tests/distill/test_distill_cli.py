@@ -1,0 +1,196 @@
+"""minitron-distill end to end on a tiny pruned student: every preset runs and exports the
+student alone; ZeRO-3 over 2 processes (teacher sharded too) matches 1 process; a SIGKILLed run
+resumes with the same losses; bad input is refused before training."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import PRUNE, read_metrics, run_cli
+from minitron.cli.common import conf_dir
+from minitron.config import ConfigError, register_schemas
+from minitron.distill.job import check_distill_inputs
+from dist.test_multiprocess import free_port
+
+DISTILL = [sys.executable, "-m", "minitron.cli.distill"]
+# The student has one layer: match the embedding outputs and the final normed hidden states.
+HIDDEN = ["distill=logits_hidden", "distill.intermediate.pairs=[[0,0],[-1,-1]]"]
+DISTILL_PY = str(Path(__file__).resolve().parents[2] / "minitron" / "cli" / "distill.py")
+
+
+def distill_args(teacher, student, corpus_dir, out, *extra):
+    return [f"teacher.path={teacher}", f"student.path={student}", f"data.path={corpus_dir}", f"output_dir={out}",
+            "logger=none", "data.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "train.max_steps=4", "train.eval_every=2", "train.eval_blocks=16", "train.save_every=0",
+            "train.warmup_steps=1", "train.lr=3e-3", "distill.logits.chunk_tokens=100", *extra]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tiny_teacher, corpus_dir):
+    """The tiny teacher pruned in width (hidden 64 -> 48, ffn 176 -> 96, heads 4 -> 2) and depth (2 -> 1)."""
+    out = tmp_path_factory.mktemp("student") / "pruned"
+    run_cli([f"model.path={tiny_teacher}", f"data.path={corpus_dir}", "data.seq_len=64", f"output_dir={out}",
+             "prune.calibration.num_samples=16", "prune.calibration.micro_batch_size=4", "prune.depth.eval_blocks=8",
+             "prune.export.hidden_size=48", "prune.export.ffn_hidden_size=96", "prune.export.num_attention_heads=2",
+             "prune.export.num_layers=1"], launcher=PRUNE)
+    return out
+
+
+def test_logits_hidden_preset_trains_and_exports_the_student_alone(tmp_path, tiny_teacher, student, corpus_dir):
+    out = tmp_path / "run"
+    run_cli(distill_args(tiny_teacher, student, corpus_dir, out, *HIDDEN), launcher=DISTILL)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("kd_loss", "hidden_0_0", "hidden_1_2", "hidden_weight", "val_loss", "val_ppl", "teacher_val_loss",
+                "tokens_per_s"):
+        assert summary[key] > 0, key
+    assert summary["mfu"] is None  # no GPU here
+    assert summary["teacher_params_per_rank"] == [summary["teacher_params"]]
+    metrics = read_metrics(out)
+    assert {"train/kd", "train/hidden_0_0", "train/hidden_1_2", "val/loss"} <= set(metrics[4])
+    # The dynamic weight makes the hidden term weigh as much as the logit term at every step.
+    for row in metrics.values():
+        hidden = row["train/hidden_0_0"] + row["train/hidden_1_2"]
+        assert row["train/loss"] == pytest.approx(2 * row["train/kd"], rel=0.05)
+        assert row["train/hidden_weight"] == pytest.approx(row["train/kd"] / hidden, rel=0.05)
+
+    model_dir = Path(summary["output_model"])
+    assert {"pruning.json", "distill.json", "config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in model_dir.iterdir()}
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if "projection" in k]
+    distilled = AutoModelForCausalLM.from_pretrained(model_dir)
+    pruned = AutoModelForCausalLM.from_pretrained(student)
+    assert distilled.config.hidden_size == 48
+    assert not torch.equal(distilled.model.layers[0].mlp.down_proj.weight, pruned.model.layers[0].mlp.down_proj.weight)
+    manifest = json.loads((model_dir / "distill.json").read_text())
+    assert manifest["preset"] == "logits_hidden" and manifest["tokens_seen"] == 4 * 8 * 64
+
+
+def test_lm_preset_needs_no_teacher(tmp_path, student, corpus_dir):
+    out = tmp_path / "lm"
+    run_cli(distill_args("/nonexistent", student, corpus_dir, out, "distill=lm", "teacher.path=null"),
+            launcher=DISTILL)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "kd_loss" not in summary and "teacher_params" not in summary
+    # With cross-entropy as the only term, the training loss is the cross-entropy.
+    assert summary["ce_loss"] == pytest.approx(summary["train_loss"], rel=1e-6)
+
+
+def test_zero3_two_processes_match_one_and_shard_the_teacher(tmp_path, tiny_teacher, student, corpus_dir):
+    # Every parameter partitioned (the default keeps small ones whole on each rank).
+    extra = ["deepspeed=zero3", "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0", *HIDDEN]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli(distill_args(tiny_teacher, student, corpus_dir, one, *extra), launcher=DISTILL)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), DISTILL_PY]
+    run_cli(distill_args(tiny_teacher, student, corpus_dir, two, *extra), launcher=torchrun)
+    a, b = read_metrics(one), read_metrics(two)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        for key in ("train/loss", "train/kd", "train/hidden_1_2"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["val_loss"] == pytest.approx(json.loads((one / "summary.json").read_text())["val_loss"], rel=1e-5)
+    per_rank, total = summary["teacher_params_per_rank"], summary["teacher_params"]
+    assert len(per_rank) == 2
+    for held in per_rank:
+        assert held == pytest.approx(total / 2, rel=0.01)
+
+
+def test_resume_after_sigkill_repeats_the_losses_without_saving_the_teacher(tmp_path, tiny_teacher, student,
+                                                                             corpus_dir):
+    steps = 40
+
+    def args(out, *extra):
+        return distill_args(tiny_teacher, student, corpus_dir, out, f"train.max_steps={steps}", "train.save_every=5",
+                            "train.eval_every=40", *HIDDEN, *extra)
+
+    reference = tmp_path / "reference"
+    run_cli(args(reference), launcher=DISTILL)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*DISTILL, *args(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest"
+    while not latest.exists() and proc.poll() is None:
+        pass
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "summary.json").exists() and not (out / "model").exists()
+    assert max(read_metrics(out)) < steps
+
+    # Checkpoints hold the student and the projection, never the teacher.
+    states = torch.load(next((out / "checkpoints").glob("step_*/mp_rank_00_model_states.pt")), weights_only=False)
+    names = list(states["module"])
+    assert names and all(n.startswith(("student.", "projection.")) for n in names)
+
+    run_cli(args(out, "resume=auto"), launcher=DISTILL)
+    resumed, expected = read_metrics(out), read_metrics(reference)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert resumed[step]["train/loss"] == pytest.approx(expected[step]["train/loss"], rel=1e-6), step
+    assert json.loads((out / "summary.json").read_text())["val_loss"] == pytest.approx(
+        json.loads((reference / "summary.json").read_text())["val_loss"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_student(tmp_path_factory, student):
+    """The pruned student with one extra token in its tokenizer."""
+    out = tmp_path_factory.mktemp("other_tok") / "student"
+    shutil.copytree(student, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.add_tokens(["<extra_token_for_test>"])
+    tok.save_pretrained(out)
+    return out
+
+
+def compose_distill(*overrides):
+    register_schemas()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="distill", overrides=list(overrides)))
+
+
+BAD = [
+    ("student.path: its tokenizer differs", lambda t, s, o: [f"student.path={o}"]),
+    ("distill.intermediate.pairs: student index 5", lambda t, s, o: [*HIDDEN, "distill.intermediate.pairs=[[0,0],[5,1]]"]),
+    ("distill.intermediate.pairs: teacher index -4", lambda t, s, o: [*HIDDEN, "distill.intermediate.pairs=[[0,-4]]"]),
+    ("distill.intermediate.projection:", lambda t, s, o: [*HIDDEN, "distill.intermediate.projection=false"]),
+    ("teacher.path: no such directory", lambda t, s, o: [f"teacher.path={t}/missing"]),
+    ("student.path: no such directory", lambda t, s, o: [f"student.path={s}/missing"]),
+    ("student.path: set it", lambda t, s, o: ["student.path=null"]),
+    ("distill.logits.divergence:", lambda t, s, o: ["distill.logits.divergence=kl"]),
+    ("distill.logits.ce_weight:", lambda t, s, o: ["distill.logits.divergence=none"]),
+    ("data.seq_len:", lambda t, s, o: ["data.seq_len=4096"]),
+]
+
+
+@pytest.mark.parametrize("message,overrides", BAD, ids=[m.split(":")[0] + str(i) for i, (m, _) in enumerate(BAD)])
+def test_bad_input_is_named_by_the_cheap_checks(tmp_path, tiny_teacher, student, other_tokenizer_student,
+                                               corpus_dir, message, overrides):
+    cfg = compose_distill(*distill_args(tiny_teacher, student, corpus_dir, tmp_path / "out"),
+                          *overrides(tiny_teacher, student, other_tokenizer_student))
+    with pytest.raises(ConfigError) as err:
+        check_distill_inputs(cfg, world_size=1)
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("case", [0, 4])
+def test_bad_input_exits_with_one_line_and_writes_nothing(tmp_path, tiny_teacher, student, other_tokenizer_student,
+                                                          corpus_dir, case):
+    message, overrides = BAD[case]
+    out = tmp_path / "out"
+    proc = run_cli([*distill_args(tiny_teacher, student, corpus_dir, out),
+                    *overrides(tiny_teacher, student, other_tokenizer_student)], launcher=DISTILL, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr[-2000:]
+    assert not (out / "summary.json").exists() and not (out / "model").exists()

@@ -1,0 +1,110 @@
+"""The fused chunked logit loss equals the naive computation on full logits (loss and gradients,
+fp32), for every divergence and option; and the Distiller's loss on real models equals the naive
+loss computed from the models' own full logits, with tied embeddings and padded vocabularies."""
+import contextlib
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from minitron.distill import losses
+from minitron.distill.distiller import Distiller
+from minitron.distill.fused import chunked_logit_loss
+from minitron.distill.hidden import make_projection
+from minitron.distill.teacher import Teacher, freeze
+
+
+def spec(**kw):
+    base = dict(divergence="forward_kl", temperature=1.0, top_k=0, beta=0.5, scale_by_t2=False, ce_weight=0.0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def naive_loss(hs, ws, ht, wt, targets, vocab, s):
+    kd, ce = losses.token_losses(hs @ ws[:vocab].T, ht @ wt[:vocab].T if ht is not None else None, targets, s)
+    return losses.combine_token_losses(kd, ce, s).mean()
+
+
+def assert_close_rel(got, want, rtol=1e-5):
+    """rtol 1e-5 on the tensor's scale (summation order differs between chunked and full)."""
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+SPECS = [spec(divergence=d, temperature=t, top_k=k, ce_weight=c, scale_by_t2=t != 1.0, beta=0.3)
+         for d, t, k, c in itertools.product(losses.DIVERGENCES, (1.0, 2.0), (0, 5), (0.0, 0.5))]
+SPECS.append(spec(divergence="none", ce_weight=1.0))
+
+
+@pytest.mark.parametrize("s", SPECS, ids=lambda s: f"{s.divergence}-T{s.temperature}-k{s.top_k}-ce{s.ce_weight}")
+def test_chunked_equals_full_logits(s):
+    g = torch.Generator().manual_seed(0)
+    n, h, k, vocab = 45, 16, 24, 40
+    hs = torch.randn(n, h, generator=g).requires_grad_()
+    ws = (torch.randn(vocab + 3, h, generator=g) * 0.5).requires_grad_()  # padded student vocabulary
+    ht, wt = torch.randn(n, k, generator=g), torch.randn(vocab + 7, k, generator=g) * 0.5
+    if s.divergence == "none":
+        ht = wt = None
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    loss, parts = chunked_logit_loss(hs, ws, ht, wt, targets, vocab, s, chunk_tokens=8)
+    grads = torch.autograd.grad(2.5 * loss, (hs, ws))
+    ref = naive_loss(hs, ws, ht, wt, targets, vocab, s)
+    ref_grads = torch.autograd.grad(2.5 * ref, (hs, ws))
+    assert_close_rel(loss, ref)
+    for got, want in zip(grads, ref_grads):
+        assert_close_rel(got, want)
+    assert torch.all(grads[1][vocab:] == 0)  # padding rows never get a gradient
+    if s.divergence != "none":
+        kd, _ = losses.token_losses(hs @ ws[:vocab].T, ht @ wt[:vocab].T, targets, s)
+        assert_close_rel(parts["kd"], kd.mean())
+
+
+def _tiny(model_type="llama", vocab=67, hidden=32, layers=3, tie=False, seed=0):
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=48,
+                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=8, max_position_embeddings=32, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_distiller_equals_naive_loss_on_model_logits(tie):
+    """The whole student forward (hidden-state capture, projection, chunked loss) against full
+    logits from the models' own forward: loss and every parameter's gradient."""
+    vocab = 60  # the shared tokenizer; both models carry padded vocabularies
+    teacher = freeze(_tiny(vocab=71, hidden=48, layers=4, seed=1))
+    student = _tiny(vocab=64, hidden=32, layers=2, tie=tie, seed=2)
+    s = spec(temperature=2.0, ce_weight=0.4)
+    pairs = [(0, 0), (1, 2)]
+    projection = make_projection(32, 48, kept_hidden=None, seed=0)
+    distiller = Distiller(student, s, vocab, chunk_tokens=7, pairs=pairs, projection=projection)
+    runner = Teacher(teacher, teacher, [t for _, t in pairs], full_parameters=lambda params: contextlib.nullcontext())
+    input_ids = torch.randint(0, vocab, (3, 10), generator=torch.Generator().manual_seed(3))
+
+    with runner.outputs(input_ids) as t_out:
+        loss, extras = distiller(input_ids, t_out)
+    grads = torch.autograd.grad(loss, list(distiller.parameters()))
+
+    out_s = student(input_ids=input_ids, output_hidden_states=True)
+    with torch.no_grad():
+        out_t = teacher(input_ids=input_ids, output_hidden_states=True)
+    logits_s, logits_t = out_s.logits[:, :-1, :vocab].flatten(0, 1), out_t.logits[:, :-1, :vocab].flatten(0, 1)
+    kd, ce = losses.token_losses(logits_s, logits_t, input_ids[:, 1:].flatten(), s)
+    logit_loss = losses.combine_token_losses(kd, ce, s).mean()
+    hidden = sum(losses.hidden_state_loss(projection(out_s.hidden_states[i]), out_t.hidden_states[j]) for i, j in pairs)
+    ref = logit_loss + (logit_loss.detach() / hidden.detach()) * hidden
+    ref_grads = torch.autograd.grad(ref, list(distiller.parameters()))
+
+    assert_close_rel(loss, ref)
+    assert_close_rel(extras["kd"], kd.mean())
+    for got, want in zip(grads, ref_grads):
+        assert_close_rel(got, want)
+
+
+def test_projection_starts_as_the_inverse_of_width_pruning():
+    kept = [5, 0, 3]
+    proj = make_projection(3, 6, kept_hidden=kept, seed=0)
+    x = torch.randn(2, 3)
+    y = proj(x)
+    torch.testing.assert_close(y[:, kept], x)
+    assert torch.all(y[:, [1, 2, 4]] == 0)
