@@ -1,0 +1,1 @@
+"""Distillation: losses, the fused chunked logit loss, the frozen teacher, minitron-distill."""
