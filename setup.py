@@ -30,7 +30,8 @@ setup(
         "pyarrow>=15",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # triton: its interpreter runs the GPU loss kernel's tests on CPU (TRITON_INTERPRET=1).
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.2"],
         "gpu": ["flash-attn>=2.6"],
         "eval": ["lm-eval>=0.4"],
     },

@@ -39,7 +39,7 @@ def child(mode: str, vocab: int, hidden: int, tokens: int, chunk: int) -> dict:
     teacher_weight = torch.randn(vocab, hidden, generator=g) * hidden ** -0.5
     targets = torch.randint(0, vocab, (tokens,), generator=g)
     spec = SimpleNamespace(divergence="forward_kl", temperature=1.0, top_k=0, beta=0.5, scale_by_t2=False,
-                           ce_weight=0.0)
+                           ce_weight=0.0, kernel="auto")
 
     def step():
         student_hidden.grad = student_weight.grad = None

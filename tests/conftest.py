@@ -11,6 +11,9 @@ import pytest
 # Nothing in the tests may reach a hub or write under $HOME.
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                   WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
+# Triton kernels run in Triton's interpreter on CPU tensors (read when a kernel is decorated, so
+# before anything imports minitron.distill).
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)

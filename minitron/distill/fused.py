@@ -7,7 +7,9 @@ Here each chunk's logits are made, turned into a loss and a gradient with respec
 student's logits, and folded into the gradients for the student's hidden states and `lm_head`
 weight right away (the approach of Liger-Kernel's fused linear cross-entropy); only one chunk's
 logits are alive at a time, and backward just hands the stored gradients on. The per-chunk loss
-is `losses.token_losses`, so every divergence and option of the pure functions works here.
+is `losses.token_losses` under autograd, so every divergence and option of the pure functions
+works here; the default (plain forward KL) takes a path without autograd: in place on CPU, a
+Triton kernel on GPU (triton_kl.py).
 
 Correct under ZeRO-3 as long as the caller passes full (gathered) weights: the gradient for the
 weight is returned to autograd whole, and DeepSpeed partitions it as usual. With tied embeddings
@@ -17,7 +19,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from minitron.distill import losses
+from minitron.distill import losses, triton_kl
 
 
 class _ChunkedLogitLoss(torch.autograd.Function):
@@ -25,6 +27,8 @@ class _ChunkedLogitLoss(torch.autograd.Function):
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, targets, vocab_size,
                 spec, chunk_tokens):
         num_tokens = student_hidden.shape[0]
+        kl_with_grad = (triton_kl.forward_kl_with_grad if triton_kl.use_triton(spec.kernel, student_hidden.device)
+                        else forward_kl_with_grad)
         w_student = student_weight[:vocab_size]
         w_teacher = teacher_weight[:vocab_size] if teacher_weight is not None else None
         grad_hidden = torch.empty_like(student_hidden)
@@ -36,7 +40,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             teacher_logits = teacher_hidden[rows] @ w_teacher.T if w_teacher is not None else None
             logits = h @ w_student.T
             if is_plain_forward_kl(spec):
-                kd, grad_logits = forward_kl_with_grad(logits, teacher_logits, spec.temperature, spec.scale_by_t2)
+                kd, grad_logits = kl_with_grad(logits, teacher_logits, spec.temperature, spec.scale_by_t2)
                 del logits  # only the gradient (made in place of the student's probabilities) lives on
                 grad_logits = grad_logits.div_(num_tokens).to(h.dtype)
                 ce, chunk_loss = None, kd.sum() / num_tokens

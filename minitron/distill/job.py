@@ -18,6 +18,7 @@ from minitron.data.sampler import BlockSampler
 from minitron.dist.engine import (deepspeed_config, full_parameters, initialize, local_numel,
                                   place_frozen)
 from minitron.dist.gang import init_gang, world_size_from_env
+from minitron.distill import triton_kl
 from minitron.distill.distiller import Distiller
 from minitron.distill.hidden import make_projection, resolve_index
 from minitron.distill.losses import DIVERGENCES
@@ -87,6 +88,10 @@ def _check_loss_config(cfg: DistillJobConfig) -> None:
         raise ConfigError("distill.logits.ce_weight: with divergence=none it must be positive, or nothing trains")
     if lg.chunk_tokens < 1:
         raise ConfigError(f"distill.logits.chunk_tokens: must be at least 1, got {lg.chunk_tokens}")
+    if lg.kernel not in ("auto", "torch", "triton"):
+        raise ConfigError(f"distill.logits.kernel: must be auto, torch or triton, got {lg.kernel!r}")
+    if lg.kernel == "triton" and not triton_kl.available():
+        raise ConfigError("distill.logits.kernel: triton is not installed (pip install triton, on a GPU machine)")
     if it.loss not in ("cosine", "mse"):
         raise ConfigError(f"distill.intermediate.loss: must be cosine or mse, got {it.loss!r}")
     if it.weight is not None and it.weight < 0:

@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from minitron.cli.common import check_group_choices, conf_dir, prepare_argv
-from minitron.config import (ConfigError, PruneConfig, PruneJobConfig, TrainJobConfig, check_train_config,
-                             register_schemas)
+from minitron.config import (ConfigError, DistillConfig, DistillJobConfig, PruneConfig, PruneJobConfig,
+                             TrainJobConfig, check_train_config, register_schemas)
 
 GROUPS = {g: sorted(p.stem for p in (Path(conf_dir()) / g).glob("*.yaml"))
           for g in ("model", "deepspeed", "logger")}
@@ -67,3 +67,15 @@ def test_prune_config_composes_into_its_schema_with_the_schema_defaults():
     # conf/prune.yaml spells the defaults out for users to read; they must not drift from the schema.
     assert plain.prune == PruneConfig()
     assert shaped.prune.export.num_layers == 3
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(conf_dir()) / "distill").glob("*.yaml")))
+def test_distill_presets_compose_into_the_schema(preset):
+    register_schemas()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        job = OmegaConf.to_object(compose(config_name="distill", overrides=[f"distill={preset}", "deepspeed=zero3"]))
+    assert isinstance(job, DistillJobConfig) and job.distill.name == preset
+    assert job.deepspeed.zero_optimization["stage"] == 3
+    check_train_config(job, world_size=1)
+    if preset == "logits":  # the default: the paper's best, forward KL at T=1 without cross-entropy
+        assert job.distill == DistillConfig()

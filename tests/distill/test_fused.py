@@ -17,7 +17,8 @@ from minitron.distill.teacher import Teacher, freeze
 
 
 def spec(**kw):
-    base = dict(divergence="forward_kl", temperature=1.0, top_k=0, beta=0.5, scale_by_t2=False, ce_weight=0.0)
+    base = dict(divergence="forward_kl", temperature=1.0, top_k=0, beta=0.5, scale_by_t2=False, ce_weight=0.0,
+                kernel="torch")
     return SimpleNamespace(**{**base, **kw})
 
 
