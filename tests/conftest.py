@@ -60,11 +60,25 @@ def embedded_teacher(tmp_path_factory) -> Path:
     """README command 1's job as written (only output_dir differs): the embedded default teacher,
     trained once per session (about 5 minutes on 2 cores) and shared by the slow tests."""
     out = tmp_path_factory.mktemp("embedded") / "default"
-    run_cli([f"output_dir={out}"], launcher=["minitron-train"], timeout=900)
+    run_cli([f"output_dir={out}"], launcher=["minitron-train"], timeout=1500)
     return out
 
 
 PRUNE = [sys.executable, "-m", "minitron.cli.prune"]
+
+
+def compose_job(config_name: str, *overrides: str):
+    """The typed job config a CLI would get for these overrides (conf/ + schema), in-process:
+    for checks that need no subprocess."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from minitron.cli.common import conf_dir
+    from minitron.config import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name=config_name, overrides=list(overrides)))
 
 
 def run_cli(args, launcher=(), timeout=600, check=True, env=None) -> subprocess.CompletedProcess:
@@ -84,3 +98,11 @@ def read_metrics(output_dir: Path) -> dict:
         row = json.loads(line)
         rows.setdefault(row["step"], {}).update(row)
     return rows
+
+
+def pytest_collection_modifyitems(config, items):
+    """The suite runs on 2 xdist workers (tests/pytest.ini). Tests that share the embedded teacher
+    go to one worker, which trains it once, while the other runs the rest."""
+    for item in items:
+        if "embedded_teacher" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("embedded_teacher"))

@@ -178,15 +178,9 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
 
     teacher, teacher_info = None, {}
     if teacher_cfg is not None:
-        model = freeze(build_model(cfg.teacher, teacher_cfg, seed=cfg.seed, dtype=dtype))
-        run, model = place_frozen(model, ds_config, device)
-        teacher = Teacher(model, run, sorted({t for _, t in pairs}), full_parameters)
-        teacher_info = _teacher_memory(model, gang)
-        log.info("teacher: %s parameters, %.3f GiB on each rank (%s)", f"{teacher_info['teacher_params']:,}",
-                 teacher_info["teacher_bytes_per_rank"][gang.rank] / 2**30,
-                 "ZeRO-3 shards" if ds_config["zero_optimization"].get("stage") == 3 else "replicated")
-        teacher_info["teacher_val_loss"] = evaluate(model, data.val, cfg.train.micro_batch_size, gang, device,
-                                                    cfg.train.eval_blocks)
+        teacher, teacher_info = load_teacher(cfg, teacher_cfg, pairs, dtype, ds_config, gang, device)
+        teacher_info["teacher_val_loss"] = evaluate(teacher.model, data.val, cfg.train.micro_batch_size, gang,
+                                                    device, cfg.train.eval_blocks)
         teacher_info["teacher_val_ppl"] = math.exp(min(teacher_info["teacher_val_loss"], 50.0))
 
     ckpt_root = out / "checkpoints"
@@ -230,7 +224,7 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
                 "tokens_seen": result.tokens_seen, "steps": result.steps, "final": summary}
     extra_files = {"distill.json": json.dumps(manifest, indent=2) + "\n"}
     pruning = Path(cfg.student.path) / "pruning.json"
-    if pruning.is_file():
+    if pruning.is_file() and cfg.student.init == "pretrained":  # a random init owes nothing to pruning
         extra_files["pruning.json"] = pruning.read_text()
     export_model(engine, tokenizer, out / "model", gang, model=distiller.student, extra_files=extra_files)
     tracker.log({"final/val_loss": summary["val_loss"], "final/val_ppl": summary["val_ppl"],
@@ -240,6 +234,17 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
         write_json_atomic(out / "summary.json", summary)
     gang.barrier()
     return summary
+
+
+def load_teacher(cfg, teacher_cfg, pairs, dtype, ds_config, gang, device):
+    """The frozen teacher, replicated or (ZeRO-3) sharded, and what it costs each rank."""
+    model = freeze(build_model(cfg.teacher, teacher_cfg, seed=cfg.seed, dtype=dtype))
+    run, model = place_frozen(model, ds_config, device)
+    info = _teacher_memory(model, gang)
+    log.info("teacher: %s parameters, %.3f GiB on each rank (%s)", f"{info['teacher_params']:,}",
+             info["teacher_bytes_per_rank"][gang.rank] / 2**30,
+             "ZeRO-3 shards" if ds_config["zero_optimization"].get("stage") == 3 else "replicated")
+    return Teacher(model, run, sorted({t for _, t in pairs}), full_parameters), info
 
 
 def distillation_loss(teacher: Optional[Teacher]):

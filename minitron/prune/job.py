@@ -29,7 +29,7 @@ from minitron.models.build import (build_model, count_params, has_tokenizer, hea
                                    max_positions, resolve_hf_config)
 from minitron.prune import importance
 from minitron.prune.select import select_kept
-from minitron.prune.shape import resolve_target, student_config, teacher_shape
+from minitron.prune.shape import check_exportable, resolve_target, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
 from minitron.train.job import write_json_atomic
 from minitron.train.loop import evaluate
@@ -48,6 +48,7 @@ def check_prune_inputs(cfg: PruneJobConfig):
     adapter = adapter_for(teacher_cfg)
     shape = teacher_shape(teacher_cfg)
     target = resolve_target(shape, cfg.prune.export)
+    check_exportable(teacher_cfg, adapter, target)
     p = cfg.prune
     for key, value, allowed in (("importance.seq_agg", p.importance.seq_agg, importance.AGGREGATIONS),
                                 ("importance.batch_agg", p.importance.batch_agg, importance.AGGREGATIONS),

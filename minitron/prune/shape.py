@@ -63,6 +63,23 @@ def resolve_target(teacher: Shape, export: PruneExportConfig) -> Shape:
     return Shape(num_key_value_heads=kv, **values)
 
 
+def check_exportable(teacher_config, adapter: FamilyAdapter, target: Shape) -> None:
+    """transformers validates a config when it is saved or loaded, and some families add rules of
+    their own (Llama: hidden_size a multiple of num_attention_heads, although head_dim is explicit):
+    a student that breaks one could never be exported, so it is refused up front."""
+    cfg = student_config(teacher_config, adapter, target, list(range(target.num_layers)))
+    validate = getattr(cfg, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except Exception as e:  # huggingface_hub's StrictDataclassClassValidationError wraps the ValueError
+        cause = e.__cause__ or e
+        raise ConfigError(f"prune.export.hidden_size: transformers refuses this {teacher_config.model_type} shape "
+                          f"({target.hidden_size} hidden, {target.num_attention_heads} heads): "
+                          f"{str(cause).splitlines()[0]}") from None
+
+
 def student_config(teacher_config, adapter: FamilyAdapter, target: Shape, kept_layers: Sequence[int]):
     """The teacher's config with the target shape; `head_dim` is written explicitly because it
     no longer equals hidden_size / num_attention_heads after width pruning."""

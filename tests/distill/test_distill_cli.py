@@ -1,5 +1,5 @@
-"""minitron-distill end to end on a tiny pruned student: every preset runs and exports the
-student alone; ZeRO-3 over 2 processes (teacher sharded too) matches 1 process; a SIGKILLed run
+"""minitron-distill end to end on a tiny pruned student: logits + hidden-state losses export the
+student alone (the lm preset and random init run in test_distill_result.py); ZeRO-3 over 2 processes (teacher sharded too) matches 1 process; a SIGKILLed run
 resumes with the same losses; bad input is refused before training."""
 import json
 import os
@@ -11,14 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import PRUNE, read_metrics, run_cli
-from minitron.cli.common import conf_dir
-from minitron.config import ConfigError, register_schemas
+from conftest import PRUNE, compose_job, read_metrics, run_cli
+from minitron.config import ConfigError
 from minitron.distill.job import check_distill_inputs
 from dist.test_multiprocess import free_port
 
@@ -46,15 +43,26 @@ def student(tmp_path_factory, tiny_teacher, corpus_dir):
     return out
 
 
-def test_logits_hidden_preset_trains_and_exports_the_student_alone(tmp_path, tiny_teacher, student, corpus_dir):
-    out = tmp_path / "run"
-    run_cli(distill_args(tiny_teacher, student, corpus_dir, out, *HIDDEN), launcher=DISTILL)
+# Every parameter partitioned under ZeRO-3 (by default small ones stay whole on each rank).
+ZERO3 = ["deepspeed=zero3", "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, tiny_teacher, student, corpus_dir):
+    """One process, ZeRO-3, logits + hidden-state losses."""
+    out = tmp_path_factory.mktemp("zero3") / "one"
+    run_cli(distill_args(tiny_teacher, student, corpus_dir, out, *ZERO3, *HIDDEN), launcher=DISTILL)
+    return out
+
+
+def test_logits_hidden_preset_trains_and_exports_the_student_alone(zero3_run, student):
+    out = zero3_run
     summary = json.loads((out / "summary.json").read_text())
     for key in ("kd_loss", "hidden_0_0", "hidden_1_2", "hidden_weight", "val_loss", "val_ppl", "teacher_val_loss",
                 "tokens_per_s"):
         assert summary[key] > 0, key
     assert summary["mfu"] is None  # no GPU here
-    assert summary["teacher_params_per_rank"] == [summary["teacher_params"]]
+    assert summary["teacher_params_per_rank"] == [summary["teacher_params"]]  # one rank holds it all
     metrics = read_metrics(out)
     assert {"train/kd", "train/hidden_0_0", "train/hidden_1_2", "val/loss"} <= set(metrics[4])
     # The dynamic weight makes the hidden term weigh as much as the logit term at every step.
@@ -76,24 +84,11 @@ def test_logits_hidden_preset_trains_and_exports_the_student_alone(tmp_path, tin
     assert manifest["preset"] == "logits_hidden" and manifest["tokens_seen"] == 4 * 8 * 64
 
 
-def test_lm_preset_needs_no_teacher(tmp_path, student, corpus_dir):
-    out = tmp_path / "lm"
-    run_cli(distill_args("/nonexistent", student, corpus_dir, out, "distill=lm", "teacher.path=null"),
-            launcher=DISTILL)
-    summary = json.loads((out / "summary.json").read_text())
-    assert "kd_loss" not in summary and "teacher_params" not in summary
-    # With cross-entropy as the only term, the training loss is the cross-entropy.
-    assert summary["ce_loss"] == pytest.approx(summary["train_loss"], rel=1e-6)
-
-
-def test_zero3_two_processes_match_one_and_shard_the_teacher(tmp_path, tiny_teacher, student, corpus_dir):
-    # Every parameter partitioned (the default keeps small ones whole on each rank).
-    extra = ["deepspeed=zero3", "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0", *HIDDEN]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(distill_args(tiny_teacher, student, corpus_dir, one, *extra), launcher=DISTILL)
+def test_zero3_two_processes_match_one_and_shard_the_teacher(tmp_path, tiny_teacher, student, corpus_dir, zero3_run):
+    one, two = zero3_run, tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(free_port()), DISTILL_PY]
-    run_cli(distill_args(tiny_teacher, student, corpus_dir, two, *extra), launcher=torchrun)
+    run_cli(distill_args(tiny_teacher, student, corpus_dir, two, *ZERO3, *HIDDEN), launcher=torchrun)
     a, b = read_metrics(one), read_metrics(two)
     assert sorted(b) == [1, 2, 3, 4]
     for step in a:
@@ -153,12 +148,6 @@ def other_tokenizer_student(tmp_path_factory, student):
     return out
 
 
-def compose_distill(*overrides):
-    register_schemas()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name="distill", overrides=list(overrides)))
-
-
 BAD = [
     ("student.path: its tokenizer differs", lambda t, s, o: [f"student.path={o}"]),
     ("distill.intermediate.pairs: student index 5", lambda t, s, o: [*HIDDEN, "distill.intermediate.pairs=[[0,0],[5,1]]"]),
@@ -176,7 +165,7 @@ BAD = [
 @pytest.mark.parametrize("message,overrides", BAD, ids=[m.split(":")[0] + str(i) for i, (m, _) in enumerate(BAD)])
 def test_bad_input_is_named_by_the_cheap_checks(tmp_path, tiny_teacher, student, other_tokenizer_student,
                                                corpus_dir, message, overrides):
-    cfg = compose_distill(*distill_args(tiny_teacher, student, corpus_dir, tmp_path / "out"),
+    cfg = compose_job("distill", *distill_args(tiny_teacher, student, corpus_dir, tmp_path / "out"),
                           *overrides(tiny_teacher, student, other_tokenizer_student))
     with pytest.raises(ConfigError) as err:
         check_distill_inputs(cfg, world_size=1)

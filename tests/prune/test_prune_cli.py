@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import PRUNE, run_cli
+from conftest import PRUNE, compose_job, run_cli
+from minitron.config import ConfigError
+from minitron.prune.job import check_prune_inputs, run_prune_job
 
 PRUNE_PY = str(Path(__file__).resolve().parents[2] / "minitron" / "cli" / "prune.py")
 SHAPE = ["prune.export.hidden_size=48", "prune.export.ffn_hidden_size=96",
@@ -124,54 +126,69 @@ def test_dry_run_reproduces_published_minitron_sizes_from_a_config_alone(tmp_pat
     teacher = tmp_path / "llama-3.1-8b"
     teacher.mkdir()
     (teacher / "config.json").write_text(json.dumps(LLAMA_31_8B))
-    run_cli([f"model.path={teacher}", f"output_dir={tmp_path / 'out'}", "prune.dry_run=true", *shape],
-            launcher=PRUNE, timeout=120)
+    # In-process (the CLI's dry run is tested above): the job the CLI runs, on the composed config.
+    run_prune_job(compose_job("prune", f"model.path={teacher}", f"output_dir={tmp_path / 'out'}",
+                              "prune.dry_run=true", *shape), config_yaml="")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert round(summary["teacher_params"] / 1e9, 2) == 8.03
     assert round(summary["student_params"] / 1e9, 2) == billions
     assert summary["student_config"]["head_dim"] == 128
 
 
-def refused(tmp_path, args):
-    out = tmp_path / "out"
-    proc = run_cli([*args, f"output_dir={out}"], launcher=PRUNE, check=False, timeout=120)
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
-    assert not out.exists() and not (tmp_path / "importance").exists()
-    return lines[0]
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (["prune.export.ffn_hidden_size=500"], "prune.export.ffn_hidden_size: 500 must be between 1 and the teacher's 176"),
-    (["prune.export.num_attention_heads=3"], "prune.export.num_attention_heads: 3 is not divisible by num_key_value_heads=2"),
-    (["prune.calibration.num_samples=0"], "prune.calibration.num_samples: the calibration set is empty"),
-    (["prune.importance.seq_agg=max"], "prune.importance.seq_agg: must be one of mean, l2, var"),
-])
-def test_bad_targets_and_options_are_refused(tmp_path, tiny_teacher, corpus_dir, overrides, message):
-    line = refused(tmp_path, [f"model.path={tiny_teacher}", f"data.path={corpus_dir}", *overrides])
-    assert line.startswith(f"error: {message}"), line
-
-
-def test_bad_teachers_are_refused(tmp_path, tiny_teacher, corpus_dir):
+def gpt2_config(tmp_path):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2}))
-    assert refused(tmp_path, [f"model.path={gpt2}", f"data.path={corpus_dir}"]).startswith(
-        "error: model.path: model type 'gpt2' has no pruning adapter; supported: llama, mistral, qwen2, qwen3")
-    assert refused(tmp_path, [f"model.path={tmp_path}", f"data.path={corpus_dir}"]).startswith(
-        f"error: model.path: {tmp_path} is not a Hugging Face checkpoint")
-    assert refused(tmp_path, [f"model.path={tmp_path / 'missing'}", f"data.path={corpus_dir}"]).startswith(
-        "error: model.path: no such directory")
-    assert refused(tmp_path, [f"data.path={corpus_dir}"]).startswith("error: model.path: set it")
-    assert refused(tmp_path, [f"model.path={tiny_teacher}", f"data.path={tmp_path / 'nodata'}"]).startswith(
-        "error: data.path: no such file")
+    return gpt2
+
+
+BAD = [
+    (lambda t, d, tmp: [f"model.path={t}", "prune.export.ffn_hidden_size=500"],
+     "prune.export.ffn_hidden_size: 500 must be between 1 and the teacher's 176"),
+    (lambda t, d, tmp: [f"model.path={t}", "prune.export.num_attention_heads=3"],
+     "prune.export.num_attention_heads: 3 is not divisible by num_key_value_heads=2"),
+    (lambda t, d, tmp: [f"model.path={t}", "prune.calibration.num_samples=0"],
+     "prune.calibration.num_samples: the calibration set is empty"),
+    (lambda t, d, tmp: [f"model.path={t}", "prune.importance.seq_agg=max"],
+     "prune.importance.seq_agg: must be one of mean, l2, var"),
+    (lambda t, d, tmp: [f"model.path={t}", "prune.export.hidden_size=50"],
+     "prune.export.hidden_size: transformers refuses this llama shape (50 hidden, 4 heads): The hidden size (50) "
+     "is not a multiple of the number of attention heads (4)"),
+    (lambda t, d, tmp: [f"model.path={gpt2_config(tmp)}"],
+     "model.path: model type 'gpt2' has no pruning adapter; supported: llama, mistral, qwen2, qwen3"),
+    (lambda t, d, tmp: [f"model.path={tmp}"], "model.path: {tmp} is not a Hugging Face checkpoint"),
+    (lambda t, d, tmp: [f"model.path={tmp / 'missing'}"], "model.path: no such directory"),
+    (lambda t, d, tmp: [], "model.path: set it"),
+    (lambda t, d, tmp: [f"model.path={t}", f"data.path={tmp / 'nodata'}"], "data.path: no such file"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD, ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(BAD)])
+def test_bad_input_is_named_before_any_work(tmp_path, tiny_teacher, corpus_dir, overrides, message):
+    cfg = compose_job("prune", f"data.path={corpus_dir}", f"output_dir={tmp_path / 'out'}",
+                      *overrides(tiny_teacher, corpus_dir, tmp_path))
+    with pytest.raises(ConfigError) as err:
+        check_prune_inputs(cfg)
+    assert str(err.value).startswith(message.format(tmp=tmp_path))
+
+
+@pytest.mark.parametrize("case", [1, 5])
+def test_bad_input_exits_with_one_line_and_writes_nothing(tmp_path, tiny_teacher, corpus_dir, case):
+    overrides, message = BAD[case]
+    out = tmp_path / "out"
+    proc = run_cli([f"data.path={corpus_dir}", f"output_dir={out}", *overrides(tiny_teacher, corpus_dir, tmp_path)],
+                   launcher=PRUNE, check=False, timeout=120)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: {message}")
+    assert not out.exists() and not (tmp_path / "importance").exists()
 
 
 def test_an_unrelated_output_dir_is_not_overwritten(tmp_path, tiny_teacher, corpus_dir):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    proc = run_cli([f"model.path={tiny_teacher}", f"data.path={corpus_dir}", f"output_dir={out}"],
-                   launcher=PRUNE, check=False, timeout=120)
-    assert proc.returncode == 2 and "error: output_dir:" in proc.stderr
+    with pytest.raises(ConfigError, match="^output_dir:"):
+        check_prune_inputs(compose_job("prune", f"model.path={tiny_teacher}", f"data.path={corpus_dir}",
+                                       f"output_dir={out}"))
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
