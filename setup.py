@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         # triton: its interpreter runs the GPU loss kernel's tests on CPU (TRITON_INTERPRET=1).
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "triton>=3.2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.2"],
         "gpu": ["flash-attn>=2.6"],
         "eval": ["lm-eval>=0.4"],
     },

@@ -2,7 +2,7 @@
 backward, from final hidden states and the two lm_head weights, at a Llama-3 vocabulary.
 
     python benchmarks/kd_loss_cost.py [--vocab 128256 --hidden 2048 --tokens 4096]
-                                      [--chunk 1024] [--rounds 2]
+                                      [--chunk 256] [--rounds 2]
 
 naive: full [tokens x vocab] float32 logits for both models, `F.kl_div` on their log-softmaxes
 (`reduction="batchmean"`, log_target), autograd backward. fused: `chunked_logit_loss` (the path
@@ -70,7 +70,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=256)  # distill.logits.chunk_tokens default
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--child", default=None)
     args = ap.parse_args()

@@ -213,7 +213,7 @@ class LogitLossConfig:
     """jsd only: the mixture weight of the teacher, in (0, 1); 0.5 is the Jensen-Shannon divergence."""
     ce_weight: float = 0.0
     """Weight of a next-token cross-entropy term on the student (arXiv 2407.14679 found 0 best)."""
-    chunk_tokens: int = 1024
+    chunk_tokens: int = 256
     """Tokens per chunk of the fused logit loss: bounds its memory to a few chunk x vocab floats."""
     kernel: str = "auto"
     """Plain forward KL's per-chunk kernel: auto (Triton on a GPU when installed), torch or triton."""

@@ -99,10 +99,3 @@ def read_metrics(output_dir: Path) -> dict:
         rows.setdefault(row["step"], {}).update(row)
     return rows
 
-
-def pytest_collection_modifyitems(config, items):
-    """The suite runs on 2 xdist workers (tests/pytest.ini). Tests that share the embedded teacher
-    go to one worker, which trains it once, while the other runs the rest."""
-    for item in items:
-        if "embedded_teacher" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("embedded_teacher"))

@@ -62,9 +62,13 @@ class _ChunkedLogitLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_means):
+        # Scaled in place: a copy of the weight gradient would be another [V x H] at the peak.
+        # (So this graph cannot be backpropagated twice, which training never does.)
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
-                None, None, None, None, None, None)
+        if grad_loss.item() != 1.0:
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def is_plain_forward_kl(spec) -> bool:
@@ -75,17 +79,27 @@ def forward_kl_with_grad(student_logits: torch.Tensor, teacher_logits: torch.Ten
                          scale_by_t2: bool):
     """The default loss without autograd: [N] KL(p || q) and its gradient with respect to the
     student's logits, (q - p) / T (times T^2 if scaled), with p, q the softened teacher and student
-    distributions. Equal to `losses.logit_divergence` (tested), with about half the [N x V]
-    temporaries of differentiating it: everything after the log-softmaxes is done in place.
-    Returns (kd [N], gradient [N, V] float32)."""
-    logq = losses._at_least_fp32(student_logits).div(temperature).log_softmax(-1)
-    logp = losses._at_least_fp32(teacher_logits).div(temperature).log_softmax(-1)
+    distributions. Equal to `losses.logit_divergence` (tested). Float32 inputs are overwritten:
+    everything happens in the two logits buffers plus one more for p, where autograd through the
+    pure function would keep about six [N x V] tensors.
+    Returns (kd [N], gradient [N, V] float32, in the student's buffer when it was float32)."""
+    logq = _log_softmax_(losses._at_least_fp32(student_logits), temperature)
+    logp = _log_softmax_(losses._at_least_fp32(teacher_logits), temperature)
     p = logp.exp()
     kd = torch.linalg.vecdot(p, logp.sub_(logq))
     del logp
     factor = temperature if scale_by_t2 else 1.0 / temperature  # d/dz of T^2 * KL = T * (q - p)
-    grad = logq.exp_().sub_(p).mul_(factor)
+    grad = logq.exp_().sub_(p)
+    if factor != 1.0:
+        grad.mul_(factor)
     return (kd * temperature ** 2 if scale_by_t2 else kd), grad
+
+
+def _log_softmax_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) in place."""
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits.sub_(logits.logsumexp(-1, keepdim=True))
 
 
 def chunked_logit_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,

@@ -104,7 +104,7 @@ def test_zero3_two_processes_match_one_and_shard_the_teacher(tmp_path, tiny_teac
 
 def test_resume_after_sigkill_repeats_the_losses_without_saving_the_teacher(tmp_path, tiny_teacher, student,
                                                                              corpus_dir):
-    steps = 40
+    steps = 20
 
     def args(out, *extra):
         return distill_args(tiny_teacher, student, corpus_dir, out, f"train.max_steps={steps}", "train.save_every=5",

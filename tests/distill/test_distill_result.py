@@ -10,7 +10,7 @@ import pytest
 from conftest import PRUNE, run_cli
 from distill.test_distill_cli import DISTILL
 
-STEPS = 30  # x 8 blocks x 256 tokens = 61k tokens, 12% of what the teacher saw
+STEPS = 20  # x 8 blocks x 256 tokens = 41k tokens, 8% of what the teacher saw
 
 
 @pytest.mark.slow
@@ -43,6 +43,6 @@ def test_distillation_beats_lm_retraining_and_random_init(embedded_teacher, tmp_
     print(f"val loss: pruned {sizes['student_val_loss']:.3f}, teacher {kd['teacher_val_loss']:.3f}; after "
           f"{kd['tokens_seen']} tokens: distilled {kd['val_loss']:.3f}, LM-retrained {lm['val_loss']:.3f}, "
           f"from scratch {scratch['val_loss']:.3f}")
-    # Measured on 2 CPU cores: distilled 5.280, LM-retrained 5.407, from scratch 6.737 (teacher 5.234).
+    # Measured on 2 CPU cores: distilled 5.293, LM-retrained 5.448, from scratch 6.769 (teacher 5.234).
     assert kd["val_loss"] < lm["val_loss"] - 0.05
     assert kd["val_loss"] < scratch["val_loss"] - 0.5
