@@ -13,11 +13,10 @@ import torch
 
 from minitron.config import ConfigError, DistillJobConfig, check_train_config
 from minitron.data.corpus import check_source
-from minitron.data.packing import build_or_load
 from minitron.data.sampler import BlockSampler
 from minitron.dist.engine import (deepspeed_config, full_parameters, initialize, local_numel,
                                   place_frozen)
-from minitron.dist.gang import init_gang, world_size_from_env
+from minitron.dist.gang import world_size_from_env
 from minitron.distill import triton_kl
 from minitron.distill.distiller import Distiller
 from minitron.distill.hidden import make_projection, resolve_index
@@ -26,7 +25,7 @@ from minitron.distill.teacher import Teacher, freeze
 from minitron.models.build import (build_model, count_params, has_tokenizer, local_checkpoint,
                                    max_positions, resolve_hf_config)
 from minitron.train import checkpoint, flops
-from minitron.train.job import export_model, write_json_atomic
+from minitron.train.job import export_model, start_run, write_json_atomic
 from minitron.train.loop import evaluate, train_loop
 from minitron.train.schedule import build_optimizer
 from minitron.train.tracking import make_tracker
@@ -148,13 +147,7 @@ def _has_weights(path: str) -> bool:
 
 def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
     teacher_cfg, student_cfg, pairs = check_distill_inputs(cfg, world_size_from_env())
-    gang = init_gang()
-    out = Path(cfg.output_dir)
-    if gang.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml)
-
-    data = build_or_load(cfg.data, gang)
+    gang, out, data = start_run(cfg, config_yaml)
     tokenizer = data.tokenizer()
     vocab = len(tokenizer)
     for key, hf in (("teacher", teacher_cfg), ("student", student_cfg)):
@@ -184,11 +177,7 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
         teacher_info["teacher_val_ppl"] = math.exp(min(teacher_info["teacher_val_loss"], 50.0))
 
     ckpt_root = out / "checkpoints"
-    start_step = 0
-    if cfg.resume == "auto":
-        start_step = checkpoint.load_latest(engine, ckpt_root, gang.rank) or 0
-        if start_step:
-            log.info("resumed from %s at step %d", ckpt_root, start_step)
+    start_step = checkpoint.resume(engine, ckpt_root, cfg.resume, gang.rank)
 
     student_params = count_params(student_cfg)
     tracker = make_tracker(cfg.logger, out, {"student_params": student_params, "preset": cfg.distill.name,

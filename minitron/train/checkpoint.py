@@ -1,5 +1,6 @@
 """Checkpoints through the DeepSpeed engine (model, optimizer, scheduler) plus what DeepSpeed does
 not keep: the step (which fixes the data position, see data/sampler.py) and each rank's RNG."""
+import logging
 import os
 import random
 import shutil
@@ -8,6 +9,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def tag_for(step: int) -> str:
@@ -29,6 +32,15 @@ def save(engine, root: Path, step: int, rank: int, keep: int) -> None:
     if rank == 0 and keep > 0:
         for old in sorted(root.glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(engine, root: Path, mode: str, rank: int) -> int:
+    """The step to start from: the newest checkpoint's with resume=auto (restored into the
+    engine), else 0."""
+    step = load_latest(engine, root, rank) if mode == "auto" else None
+    if step:
+        log.info("resumed from %s at step %d", root, step)
+    return step or 0
 
 
 def load_latest(engine, root: Path, rank: int) -> Optional[int]:

@@ -41,15 +41,20 @@ def check_inputs(cfg: TrainJobConfig, world_size: int):
     return hf_config
 
 
-def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
-    hf_config = check_inputs(cfg, world_size_from_env())
+def start_run(cfg, config_yaml: str):
+    """(gang, output dir, packed data) for a training-loop job (train or distill): the process
+    group, the output directory with the resolved config (rank 0), the data."""
     gang = init_gang()
     out = Path(cfg.output_dir)
     if gang.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
+    return gang, out, build_or_load(cfg.data, gang)
 
-    data = build_or_load(cfg.data, gang)
+
+def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
+    hf_config = check_inputs(cfg, world_size_from_env())
+    gang, out, data = start_run(cfg, config_yaml)
     tokenizer = data.tokenizer()
     if cfg.model.path:
         if len(tokenizer) > hf_config.vocab_size:
@@ -67,11 +72,7 @@ def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
                         deepspeed_config(cfg.train, cfg.deepspeed, gang.world_size))
 
     ckpt_root = out / "checkpoints"
-    start_step = 0
-    if cfg.resume == "auto":
-        start_step = checkpoint.load_latest(engine, ckpt_root, gang.rank) or 0
-        if start_step:
-            log.info("resumed from %s at step %d", ckpt_root, start_step)
+    start_step = checkpoint.resume(engine, ckpt_root, cfg.resume, gang.rank)
 
     tracker = make_tracker(cfg.logger, out, {"params": params}, gang.rank)
     sampler = BlockSampler(data.train, cfg.train.global_batch_size, cfg.train.micro_batch_size,
