@@ -22,7 +22,7 @@ from minitron.distill.distiller import Distiller
 from minitron.distill.hidden import make_projection, resolve_index
 from minitron.distill.losses import DIVERGENCES
 from minitron.distill.teacher import Teacher, freeze
-from minitron.models.build import (build_model, count_params, has_tokenizer, local_checkpoint,
+from minitron.models.build import (DTYPES, build_model, count_params, has_tokenizer, local_checkpoint,
                                    max_positions, resolve_hf_config)
 from minitron.train import checkpoint, flops
 from minitron.train.job import export_model, start_run, write_json_atomic
@@ -31,8 +31,6 @@ from minitron.train.schedule import build_optimizer
 from minitron.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def needs_teacher(cfg: DistillJobConfig) -> bool:
@@ -104,7 +102,8 @@ def _resolve_pairs(cfg, teacher_cfg, student_cfg) -> List[Tuple[int, int]]:
     pairs = []
     for pair in it.pairs:
         if len(pair) != 2:
-            raise ConfigError(f"distill.intermediate.pairs: each entry is [student_index, teacher_index], got {list(pair)}")
+            raise ConfigError("distill.intermediate.pairs: each entry is [student_index, teacher_index], "
+                              f"got {list(pair)}")
         resolved = []
         for who, index, hf in (("student", pair[0], student_cfg), ("teacher", pair[1], teacher_cfg)):
             num_layers = hf.num_hidden_layers

@@ -10,6 +10,9 @@ from minitron.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
+# Training/pruning precision names -> the dtype weights are built in.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 PRESET_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "max_position_embeddings", "rope_theta", "tie_word_embeddings")
 

@@ -25,8 +25,8 @@ from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang
 from minitron.models.adapters import adapter_for
 from minitron.models.weights import SafetensorsWeights, model_weights
-from minitron.models.build import (build_model, count_params, has_tokenizer, head_dim_of, local_checkpoint,
-                                   max_positions, resolve_hf_config)
+from minitron.models.build import (DTYPES, build_model, count_params, has_tokenizer, head_dim_of,
+                                   local_checkpoint, max_positions, resolve_hf_config)
 from minitron.prune import importance
 from minitron.prune.select import select_kept
 from minitron.prune.shape import check_exportable, resolve_target, student_config, teacher_shape
@@ -37,8 +37,6 @@ from minitron.train.loop import evaluate
 log = logging.getLogger(__name__)
 
 SCORES_VERSION = 1
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 def check_prune_inputs(cfg: PruneJobConfig):
     """Cheap checks; returns (teacher config, adapter, teacher shape, target shape)."""

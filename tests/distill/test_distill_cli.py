@@ -1,6 +1,7 @@
 """minitron-distill end to end on a tiny pruned student: logits + hidden-state losses export the
-student alone (the lm preset and random init run in test_distill_result.py); ZeRO-3 over 2 processes (teacher sharded too) matches 1 process; a SIGKILLed run
-resumes with the same losses; bad input is refused before training."""
+student alone (the lm preset and random init run in test_distill_result.py); ZeRO-3 over 2
+processes (teacher sharded too) matches 1 process; a SIGKILLed run resumes with the same losses;
+bad input is refused before training."""
 import json
 import os
 import shutil
@@ -150,7 +151,8 @@ def other_tokenizer_student(tmp_path_factory, student):
 
 BAD = [
     ("student.path: its tokenizer differs", lambda t, s, o: [f"student.path={o}"]),
-    ("distill.intermediate.pairs: student index 5", lambda t, s, o: [*HIDDEN, "distill.intermediate.pairs=[[0,0],[5,1]]"]),
+    ("distill.intermediate.pairs: student index 5",
+     lambda t, s, o: [*HIDDEN, "distill.intermediate.pairs=[[0,0],[5,1]]"]),
     ("distill.intermediate.pairs: teacher index -4", lambda t, s, o: [*HIDDEN, "distill.intermediate.pairs=[[0,-4]]"]),
     ("distill.intermediate.projection:", lambda t, s, o: [*HIDDEN, "distill.intermediate.projection=false"]),
     ("teacher.path: no such directory", lambda t, s, o: [f"teacher.path={t}/missing"]),
