@@ -26,7 +26,7 @@ from minitron.models.build import (DTYPES, build_model, count_params, has_tokeni
                                    max_positions, resolve_hf_config)
 from minitron.train import checkpoint, flops
 from minitron.train.job import export_model, start_run, write_json_atomic
-from minitron.train.loop import evaluate, train_loop
+from minitron.train.loop import PLAIN_LM_HEAD, evaluate, train_loop
 from minitron.train.schedule import build_optimizer
 from minitron.train.tracking import make_tracker
 
@@ -52,6 +52,10 @@ def check_distill_inputs(cfg: DistillJobConfig, world_size: int):
         teacher_cfg = resolve_hf_config(cfg.teacher, vocab_size=0, key="teacher")
         cfg.teacher.path = local_checkpoint(cfg.teacher.path, key="teacher")
     student_cfg = resolve_hf_config(cfg.student, vocab_size=0, key="student")
+    for key, hf in (("teacher", teacher_cfg), ("student", student_cfg)):
+        if hf is not None and hf.model_type not in PLAIN_LM_HEAD:
+            raise ConfigError(f"{key}.path: model type {hf.model_type!r} is not supported by the fused logit loss "
+                              f"(logits = lm_head(final hidden state)); supported: {', '.join(PLAIN_LM_HEAD)}")
     cfg.student.path = local_checkpoint(cfg.student.path, key="student")
     if cfg.student.init == "pretrained" and not _has_weights(cfg.student.path):
         raise ConfigError(f"student.path: {cfg.student.path} has a config.json but no weights "

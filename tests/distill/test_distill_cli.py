@@ -149,6 +149,13 @@ def other_tokenizer_student(tmp_path_factory, student):
     return out
 
 
+def gpt2_dir(near: Path) -> Path:
+    out = near.parent / "gpt2"
+    out.mkdir(exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2}))
+    return out
+
+
 BAD = [
     ("student.path: its tokenizer differs", lambda t, s, o: [f"student.path={o}"]),
     ("distill.intermediate.pairs: student index 5",
@@ -158,6 +165,7 @@ BAD = [
     ("teacher.path: no such directory", lambda t, s, o: [f"teacher.path={t}/missing"]),
     ("student.path: no such directory", lambda t, s, o: [f"student.path={s}/missing"]),
     ("student.path: set it", lambda t, s, o: ["student.path=null"]),
+    ("student.path: model type 'gpt2' is not supported", lambda t, s, o: [f"student.path={gpt2_dir(o)}"]),
     ("distill.logits.divergence:", lambda t, s, o: ["distill.logits.divergence=kl"]),
     ("distill.logits.ce_weight:", lambda t, s, o: ["distill.logits.divergence=none"]),
     ("data.seq_len:", lambda t, s, o: ["data.seq_len=4096"]),
