@@ -14,7 +14,7 @@ setup(
     # conf/ sits at the top of the repo (it is what users edit) and ships inside the package as
     # minitron.conf, so the entry points find it from any working directory.
     package_dir={"minitron.conf": "conf"},
-    package_data={"minitron.conf": ["*.yaml", "*/*.yaml"]},
+    package_data={"minitron.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.15",
@@ -28,14 +28,19 @@ setup(
         "tqdm>=4.66",
         "numpy>=1.26",
         "pyarrow>=15",
+        "matplotlib>=3.7",
     ],
     extras_require={
         # triton: its interpreter runs the GPU loss kernel's tests on CPU (TRITON_INTERPRET=1).
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.2"],
+        # scipy: the reference Kendall tau; the submitit plugin: the SLURM launcher config composes.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.2", "scipy>=1.10", "hydra-submitit-launcher>=1.2"],
         "gpu": ["flash-attn>=2.6"],
         "eval": ["lm-eval>=0.4"],
+        # hydra/launcher=slurm: search candidates (or any sweep) as SLURM jobs.
+        "slurm": ["hydra-submitit-launcher>=1.2"],
     },
     entry_points={"console_scripts": ["minitron-train=minitron.cli.train:main",
                                         "minitron-prune=minitron.cli.prune:main",
-                                        "minitron-distill=minitron.cli.distill:main"]},
+                                        "minitron-distill=minitron.cli.distill:main",
+                                        "minitron-search=minitron.cli.search:main"]},
 )

@@ -67,6 +67,10 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = 250
     """Optimizer steps."""
+    schedule_steps: Optional[int] = None
+    """Length of the warmup + cosine schedule; unset: max_steps. A run whose max_steps is below it
+    is one segment of a longer run: it checkpoints its last step, and a later run with more
+    max_steps continues the same schedule from there (the search's successive halving does this)."""
     micro_batch_size: int = 8
     """Sequences per rank per forward pass."""
     global_batch_size: int = 8
@@ -197,6 +201,10 @@ class PruneJobConfig:
     """The teacher: `model.path` is required."""
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """Accepted like every command's; calibration replicates the teacher on every rank whatever the stage."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """wandb: the summary goes to a W&B run (and metrics.jsonl) beside the pruned model."""
 
 
 @dataclass
@@ -257,11 +265,97 @@ class DistillJobConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
+@dataclass
+class AxisRange:
+    """One axis of the search space: the explicit `choices`, or else every multiple of `step` from
+    `min` (unset: `min_ratio` x the teacher's value, rounded up) to the teacher's value, which is
+    always included (not pruning an axis is always a candidate)."""
+    choices: Optional[List[int]] = None
+    min_ratio: float = 0.6
+    min: Optional[int] = None
+    step: int = 64
+
+
+@dataclass
+class SearchSpaceConfig:
+    """Defaults follow arXiv 2407.14679 and Model-Optimizer: depth cut by at most 20%, each width
+    axis by at most 40%. Query heads come in multiples of the KV heads (GQA groups stay whole), and
+    only shapes the existing prune checks accept (transformers can save them) are listed."""
+    num_layers: AxisRange = field(default_factory=lambda: AxisRange(min_ratio=0.8, step=1))
+    hidden_size: AxisRange = field(default_factory=lambda: AxisRange(min_ratio=0.6, step=64))
+    ffn_hidden_size: AxisRange = field(default_factory=lambda: AxisRange(min_ratio=0.6, step=64))
+    num_attention_heads: AxisRange = field(default_factory=lambda: AxisRange(min_ratio=0.6, step=1))
+    num_key_value_heads: AxisRange = field(default_factory=lambda: AxisRange(min_ratio=1.0, step=1))
+    """Kept whole by default (min_ratio 1); lower min_ratio or give choices to search it."""
+
+
+@dataclass
+class SearchMemoryConfig:
+    seq_len: int = 4096
+    """Context length of the KV cache counted by search.memory_gb."""
+    batch_size: int = 1
+    """Sequences in the KV cache counted by search.memory_gb."""
+
+
+@dataclass
+class SearchConfig:
+    name: str = "default"
+    """Preset name (informational; pick presets with `search=<name>`)."""
+    params: Optional[float] = None
+    """Budget: total parameters (embeddings counted once when tied)."""
+    non_embedding_params: Optional[float] = None
+    """Budget: parameters without the input embedding and the (untied) output embedding."""
+    memory_gb: Optional[float] = None
+    """Budget, GiB (2^30 bytes): weights in the export dtype (prune.precision) plus the KV cache at
+    search.memory.seq_len x search.memory.batch_size."""
+    memory: SearchMemoryConfig = field(default_factory=SearchMemoryConfig)
+    flops_per_token: Optional[float] = None
+    """Budget: forward FLOPs per token at search.memory.seq_len (2 per matmul weight, lm_head included,
+    plus attention's 4 x layers x heads x head_dim x seq_len)."""
+    tolerance: float = 0.05
+    """Every budget set must hold within this fraction either side."""
+    space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
+    max_candidates: int = 8
+    """At most this many candidates are ranked; when more meet the budgets, a spread of them
+    (farthest-point over the shape ratios, from the largest) is taken."""
+    halving: bool = True
+    """Successive halving: every candidate distils for a fraction of train.max_steps, the better
+    half continues, ... the last two reach train.max_steps. false: all distil for train.max_steps
+    (the paper's flat protocol)."""
+    eval_blocks: int = 64
+    """Held-out blocks for the zero-shot scores (LM loss and KL to the teacher)."""
+    dry_run: bool = False
+    """Only list the candidates with their sizes (needs config.json alone); loads no weights."""
+    candidate: Optional[int] = None
+    """Only this candidate's work for the current round (a Hydra multirun job: -m
+    search.candidate=0,1,...); unset: everything, then the outputs."""
+
+
+@dataclass
+class SearchJobConfig:
+    output_dir: str = "runs/search"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The teacher: `model.path` is required."""
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """Importance, calibration and depth choices (prune.export is the search's to set)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The candidates' distillation loss."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The candidates' distillation; train.max_steps is each candidate's budget in the flat protocol."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
     cs.store(name="prune_schema", node=PruneJobConfig)
     cs.store(name="distill_schema", node=DistillJobConfig)
+    cs.store(name="search_job_schema", node=SearchJobConfig)
+    cs.store(group="search", name="search_schema", node=SearchConfig)
     cs.store(group="distill", name="distill_loss_schema", node=DistillConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
@@ -274,6 +368,9 @@ def check_train_config(cfg, world_size: int) -> None:
     t = cfg.train
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps: must be at least 1, got {t.max_steps}")
+    if t.schedule_steps is not None and t.schedule_steps < t.max_steps:
+        raise ConfigError(f"train.schedule_steps: {t.schedule_steps} is below train.max_steps={t.max_steps}; "
+                          "unset it, or make it at least max_steps")
     if t.micro_batch_size < 1:
         raise ConfigError(f"train.micro_batch_size: must be at least 1, got {t.micro_batch_size}")
     per_step = t.micro_batch_size * world_size

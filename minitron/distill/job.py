@@ -41,7 +41,7 @@ def check_distill_inputs(cfg: DistillJobConfig, world_size: int):
     """Cheap checks, in the order a user would fix them; returns (teacher config or None,
     student config, resolved (student, teacher) hidden-state pairs)."""
     check_train_config(cfg, world_size)
-    _check_loss_config(cfg)
+    check_loss_config(cfg)
     if not cfg.student.path:
         raise ConfigError("student.path: set it to the student checkpoint (a minitron-prune output or any "
                           "causal LM sharing the teacher's tokenizer)")
@@ -72,7 +72,7 @@ def check_distill_inputs(cfg: DistillJobConfig, world_size: int):
     return teacher_cfg, student_cfg, pairs
 
 
-def _check_loss_config(cfg: DistillJobConfig) -> None:
+def check_loss_config(cfg: DistillJobConfig) -> None:
     lg, it = cfg.distill.logits, cfg.distill.intermediate
     if lg.divergence not in (*DIVERGENCES, "none"):
         raise ConfigError(f"distill.logits.divergence: must be one of {', '.join(DIVERGENCES)}, none; "

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minitron.config import ConfigError, TrainConfig
+from minitron.train.schedule import schedule_length
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], Tuple[torch.Tensor, Dict[str, float]]]
 
@@ -78,7 +79,8 @@ def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: Tr
             tracker.log(metrics, step=done)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+        periodic = cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps
+        if periodic or done == cfg.max_steps < schedule_length(cfg):  # a segment: a later run continues it
             save_checkpoint(done)
     bar.close()
     if math.isnan(val_loss):
@@ -95,20 +97,27 @@ def evaluate(model, val_blocks: np.ndarray, micro_batch_size: int, gang, device:
     """Mean next-token loss over the validation blocks, sharded over ranks. Every rank runs the
     same number of forward passes (ZeRO-3 gathers weights collectively in each one); padding rows
     carry weight 0."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for input_ids, w in eval_batches(val_blocks, micro_batch_size, gang, device, max_blocks):
+        total += torch.stack([(sequence_losses(model, input_ids).double().cpu() * w).sum(), w.sum()])
+    total = gang.all_reduce_sum(total)
+    return (total[0] / total[1]).item()
+
+
+def eval_batches(val_blocks: np.ndarray, micro_batch_size: int, gang, device: torch.device,
+                 max_blocks: Optional[int] = None):
+    """This rank's (input_ids, weight per row) micro-batches of the first `max_blocks` blocks; every
+    rank yields as many, padding rows carry weight 0."""
     count = len(val_blocks) if max_blocks is None else min(len(val_blocks), max_blocks)
     per_rank = math.ceil(count / gang.world_size)
     mine = np.arange(gang.rank, count, gang.world_size)
     weights = np.concatenate([np.ones(len(mine)), np.zeros(per_rank - len(mine))])
     rows = np.concatenate([mine, np.zeros(per_rank - len(mine), dtype=np.int64)]).astype(np.int64)
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
     for start in range(0, per_rank, micro_batch_size):
         idx = rows[start:start + micro_batch_size]
-        input_ids = torch.from_numpy(np.asarray(val_blocks[idx], dtype=np.int64)).to(device)
-        w = torch.from_numpy(weights[start:start + micro_batch_size])
-        total += torch.stack([(sequence_losses(model, input_ids).double().cpu() * w).sum(), w.sum()])
-    total = gang.all_reduce_sum(total)
-    return (total[0] / total[1]).item()
+        yield (torch.from_numpy(np.asarray(val_blocks[idx], dtype=np.int64)).to(device),
+               torch.from_numpy(weights[start:start + micro_batch_size]))
 
 
 # Families whose logits are exactly lm_head(final hidden states): their loss is computed over

@@ -14,6 +14,10 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def schedule_length(cfg: TrainConfig) -> int:
+    return cfg.schedule_steps or cfg.max_steps
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     """Weight decay on matrices only: norms and biases are not decayed (the usual LLM recipe)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -23,5 +27,5 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, schedule_length(cfg), cfg.min_lr_ratio))
     return optimizer, scheduler

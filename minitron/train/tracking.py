@@ -11,6 +11,12 @@ class NullTracker:
     def log(self, metrics: dict, step: int) -> None:
         pass
 
+    def log_table(self, name: str, columns: list, rows: list) -> None:
+        pass
+
+    def log_image(self, name: str, path: Path) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -26,6 +32,12 @@ class JsonlTracker:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.inner.log(metrics, step)
+
+    def log_table(self, name: str, columns: list, rows: list) -> None:
+        self.inner.log_table(name, columns, rows)
+
+    def log_image(self, name: str, path: Path) -> None:
+        self.inner.log_image(name, path)
 
     def finish(self) -> None:
         self.inner.finish()
@@ -45,6 +57,16 @@ class WandbTracker:
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
+
+    def log_table(self, name: str, columns: list, rows: list) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Table(columns=columns, data=rows)})
+
+    def log_image(self, name: str, path: Path) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(str(path))})
 
     def finish(self) -> None:
         self.run.finish()

@@ -79,3 +79,32 @@ def test_distill_presets_compose_into_the_schema(preset):
     check_train_config(job, world_size=1)
     if preset == "logits":  # the default: the paper's best, forward KL at T=1 without cross-entropy
         assert job.distill == DistillConfig()
+
+
+@pytest.mark.parametrize("command", ["train", "prune", "distill", "search"])
+def test_every_command_takes_the_common_keys(command):
+    """Scripts pass the same keys to every command: none may refuse one (minitron-prune refused
+    logger=none before the search landed)."""
+    register_schemas()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name=command, overrides=["output_dir=runs/x", "seed=3", "logger=none", "deepspeed=zero2"])
+    job = OmegaConf.to_object(cfg)
+    assert (job.output_dir, job.seed, job.logger.backend) == ("runs/x", 3, "none")
+    assert job.deepspeed.zero_optimization["stage"] == 2
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(conf_dir()) / "search").glob("*.yaml")))
+def test_search_presets_compose(preset):
+    register_schemas()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        job = OmegaConf.to_object(compose(config_name="search", overrides=[f"search={preset}"]))
+    assert job.search.name == preset and job.search.space.num_layers.step == 1
+
+
+def test_slurm_launcher_config_composes_with_the_submitit_plugin():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    register_schemas()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name="search", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.tasks_per_node == launcher.gpus_per_node == 8

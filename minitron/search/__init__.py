@@ -1,0 +1,1 @@
+"""Architecture search: candidate shapes under a budget, ranked by zero-shot scores and short distillation."""
