@@ -119,9 +119,10 @@ def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:
     if gang.rank == 0:
         export(student, tokenizer, Path(cfg.output_dir),
                {"pruning.json": manifest, "summary.json": summary}, config_yaml)
-        tracker = make_tracker(cfg.logger, Path(cfg.output_dir), {"teacher": cfg.model.path}, gang.rank)
-        tracker.log({f"prune/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
-        tracker.finish()
+        if cfg.logger.backend != "none":  # nothing but the checkpoint in output_dir by default
+            tracker = make_tracker(cfg.logger, Path(cfg.output_dir), {"teacher": cfg.model.path}, gang.rank)
+            tracker.log({f"prune/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
+            tracker.finish()
     gang.barrier()
     return summary
 
