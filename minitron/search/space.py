@@ -6,7 +6,7 @@ Reads configs only: a 70B teacher's space is listed in seconds from its config.j
 """
 import math
 from itertools import product
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 from minitron.config import AxisRange, ConfigError, PruneExportConfig, SearchSpaceConfig
 from minitron.models.adapters import FamilyAdapter
@@ -46,40 +46,38 @@ def enumerate_shapes(teacher: Shape, space: SearchSpaceConfig, teacher_config,
     # in minitron-prune.
     follow_heads = (teacher.num_key_value_heads == teacher.num_attention_heads
                     and values["num_key_value_heads"] == [teacher.num_key_value_heads])
-    legal = []
-    for layers, hidden, ffn, heads, kv in product(*(reversed(values[a]) for a in AXES)):
+    # Heads and KV heads are checked as a pair (GQA legality depends on nothing else), then with
+    # each hidden size (transformers' save checks concern widths and heads; the FFN width and the
+    # depth never make a config unsaveable), and only then crossed with the other two axes: a
+    # 70B teacher's space is millions of shapes but a few thousand checks.
+    heads_kv = []
+    for heads, kv in product(reversed(values["num_attention_heads"]), reversed(values["num_key_value_heads"])):
         try:
-            legal.append(resolve_target(teacher, PruneExportConfig(
-                hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
-                num_key_value_heads=None if follow_heads else kv, num_layers=layers)))
+            target = resolve_target(teacher, PruneExportConfig(
+                num_attention_heads=heads, num_key_value_heads=None if follow_heads else kv))
         except ConfigError:  # heads not a multiple of the KV heads, or more per group than the teacher
             continue
-    legal = list(dict.fromkeys(legal))  # KV heads that follow the query heads repeat shapes
-    if not legal:
+        heads_kv.append((target.num_attention_heads, target.num_key_value_heads))
+    heads_kv = list(dict.fromkeys(heads_kv))  # KV heads that follow the query heads repeat pairs
+    if not heads_kv:
         raise ConfigError(f"search.space.num_attention_heads: no value {values['num_attention_heads']} forms whole "
                           f"GQA groups with KV heads {values['num_key_value_heads']} (the teacher has "
                           f"{teacher.num_attention_heads} heads in {teacher.num_key_value_heads} groups)")
-    # transformers' checks concern widths and heads, so each combination is checked once, with
-    # the teacher's FFN width and depth (they never make a config unsaveable).
-    saveable: Dict[tuple, bool] = {}
-    kept = []
-    for shape in legal:
-        key = (shape.hidden_size, shape.num_attention_heads, shape.num_key_value_heads)
-        if key not in saveable:
-            probe = Shape(shape.hidden_size, teacher.ffn_hidden_size, shape.num_attention_heads,
-                          shape.num_key_value_heads, teacher.num_layers)
-            try:
-                check_exportable(teacher_config, adapter, probe)
-                saveable[key] = True
-            except ConfigError:
-                saveable[key] = False
-        if saveable[key]:
-            kept.append(shape)
-    if not kept:
+    widths = []
+    for hidden, (heads, kv) in product(reversed(values["hidden_size"]), heads_kv):
+        try:
+            check_exportable(teacher_config, adapter, Shape(hidden, teacher.ffn_hidden_size, heads, kv,
+                                                            teacher.num_layers))
+            widths.append((hidden, heads, kv))
+        except ConfigError:
+            continue
+    if not widths:
         raise ConfigError(f"search.space.hidden_size: no shape of the space can be saved by transformers "
                           f"(hidden {values['hidden_size']} with heads {values['num_attention_heads']}: "
                           f"{teacher_config.model_type} needs hidden_size a multiple of num_attention_heads)")
-    return kept
+    return [Shape(hidden, ffn, heads, kv, layers)
+            for layers, (hidden, heads, kv), ffn in product(reversed(values["num_layers"]), widths,
+                                                            reversed(values["ffn_hidden_size"]))]
 
 
 def shape_name(shape: Shape) -> str:
