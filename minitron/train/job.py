@@ -124,6 +124,6 @@ def export_model(engine, tokenizer, model_dir: Path, gang, model=None, extra_fil
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the jobs of one sweep may write at once
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
