@@ -41,7 +41,23 @@ def check_prune_inputs(cfg: PruneJobConfig):
     shape = teacher_shape(teacher_cfg)
     target = resolve_target(shape, cfg.prune.export)
     check_exportable(teacher_cfg, adapter, target)
-    p = cfg.prune
+    check_prune_options(cfg.prune, calibrates=False)
+    out = Path(cfg.output_dir)
+    if cfg.prune.dry_run:
+        if (out / "pruning.json").exists():
+            raise ConfigError(f"output_dir: {out} holds a pruned model; a dry run would overwrite its "
+                              "summary.json, choose another directory")
+        return teacher_cfg, adapter, shape, target
+    check_prune_options(cfg.prune, calibrates=True)
+    check_teacher_checkpoint(cfg, teacher_cfg)
+    if out.exists() and any(out.iterdir()) and not (out / "pruning.json").exists():
+        raise ConfigError(f"output_dir: {out} exists and is not a minitron pruning output; "
+                          "choose a new directory")
+    return teacher_cfg, adapter, shape, target
+
+
+def check_prune_options(p, calibrates: bool) -> None:
+    """prune.* choices; with `calibrates`, also what the calibration pass needs."""
     for key, value, allowed in (("importance.seq_agg", p.importance.seq_agg, importance.AGGREGATIONS),
                                 ("importance.batch_agg", p.importance.batch_agg, importance.AGGREGATIONS),
                                 ("importance.mlp_activation", p.importance.mlp_activation, ("post", "pre")),
@@ -50,12 +66,8 @@ def check_prune_inputs(cfg: PruneJobConfig):
                                 ("precision", p.precision, tuple(DTYPES))):
         if value not in allowed:
             raise ConfigError(f"prune.{key}: must be one of {', '.join(allowed)}, got {value!r}")
-    out = Path(cfg.output_dir)
-    if p.dry_run:
-        if (out / "pruning.json").exists():
-            raise ConfigError(f"output_dir: {out} holds a pruned model; a dry run would overwrite its "
-                              "summary.json, choose another directory")
-        return teacher_cfg, adapter, shape, target
+    if not calibrates:
+        return
     if p.calibration.num_samples < 1:
         raise ConfigError(f"prune.calibration.num_samples: the calibration set is empty "
                           f"({p.calibration.num_samples}); it must be at least 1")
@@ -63,6 +75,11 @@ def check_prune_inputs(cfg: PruneJobConfig):
         raise ConfigError("prune.calibration.micro_batch_size: must be at least 1")
     if p.depth.eval_blocks < 1:
         raise ConfigError("prune.depth.eval_blocks: must be at least 1")
+
+
+def check_teacher_checkpoint(cfg, teacher_cfg) -> None:
+    """The teacher at model.path can be calibrated on data.*: positions, weights, a tokenizer
+    (data.tokenizer defaults to the teacher's own)."""
     if cfg.data.seq_len > max_positions(teacher_cfg):
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the teacher's maximum positions "
                           f"({max_positions(teacher_cfg)})")
@@ -74,10 +91,6 @@ def check_prune_inputs(cfg: PruneJobConfig):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = cfg.model.path
     check_source(cfg.data)
-    if out.exists() and any(out.iterdir()) and not (out / "pruning.json").exists():
-        raise ConfigError(f"output_dir: {out} exists and is not a minitron pruning output; "
-                          "choose a new directory")
-    return teacher_cfg, adapter, shape, target
 
 
 def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:

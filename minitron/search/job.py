@@ -17,20 +17,19 @@ from typing import Dict, List, Optional
 from omegaconf import OmegaConf
 
 from minitron.config import (ConfigError, DistillJobConfig, LoggerConfig, SearchJobConfig, check_train_config)
-from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang, world_size_from_env
-from minitron.models.adapters import adapter_for
-from minitron.models.build import (DTYPES, build_model, has_tokenizer, local_checkpoint, max_positions,
-                                   resolve_hf_config)
+from minitron.models.adapters import FamilyAdapter, adapter_for
+from minitron.models.build import DTYPES, build_model, resolve_hf_config
 from minitron.models.weights import model_weights
 from minitron.prune import scores
-from minitron.prune.job import check_vocab, export, pruning_manifest
-from minitron.prune.shape import student_config, teacher_shape
+from minitron.prune.job import (check_prune_options, check_teacher_checkpoint, check_vocab, export,
+                                pruning_manifest)
+from minitron.prune.shape import Shape, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
 from minitron.search import ranking, report
 from minitron.search.budget import BUDGET_KEYS, within_budgets
-from minitron.search.sizing import Sizer
+from minitron.search.sizing import Sizer, Sizes
 from minitron.search.space import AXES, enumerate_shapes, shape_name, spread
 from minitron.search.zero_shot import final_hidden_states, zero_shot_scores
 from minitron.train.job import write_json_atomic
@@ -43,10 +42,10 @@ SPEC = "search_spec.json"
 
 @dataclasses.dataclass
 class Plan:
-    teacher_config: object
-    adapter: object
-    teacher: object  # Shape
-    teacher_sizes: object  # Sizes
+    teacher_config: object  # transformers PretrainedConfig
+    adapter: FamilyAdapter
+    teacher: Shape
+    teacher_sizes: Sizes
     listed: list
     """(shape, sizes) of every candidate meeting the budgets, largest first."""
     chosen: list
@@ -62,8 +61,7 @@ def plan_search(cfg: SearchJobConfig) -> Plan:
         if getattr(cfg.prune.export, key) is not None:
             raise ConfigError(f"prune.export.{key}: the search chooses the shape; leave prune.export unset")
     s = cfg.search
-    if cfg.prune.precision not in DTYPES:
-        raise ConfigError(f"prune.precision: must be one of {', '.join(DTYPES)}, got {cfg.prune.precision!r}")
+    check_prune_options(cfg.prune, calibrates=False)
     if s.memory.seq_len < 1 or s.memory.batch_size < 1:
         raise ConfigError("search.memory.seq_len: the KV cache's seq_len and batch_size must be at least 1")
     if s.max_candidates < 1:
@@ -73,32 +71,24 @@ def plan_search(cfg: SearchJobConfig) -> Plan:
     teacher = teacher_shape(teacher_cfg)
     shapes = enumerate_shapes(teacher, s.space, teacher_cfg, adapter)
     sizer = Sizer(teacher_cfg, adapter, cfg.prune.precision, s.memory.seq_len, s.memory.batch_size)
-    listed = within_budgets([(shape, sizer.sizes(shape)) for shape in shapes], s, sizer.sizes(teacher))
+    teacher_sizes = sizer.sizes(teacher)
+    listed = within_budgets([(shape, sizer.sizes(shape)) for shape in shapes], s, teacher_sizes)
     listed.sort(key=lambda c: (-c[1].params, shape_name(c[0])))
     chosen_shapes = set(spread([shape for shape, _ in listed], teacher, s.max_candidates))
     chosen = [c for c in listed if c[0] in chosen_shapes]
-    return Plan(teacher_cfg, adapter, teacher, sizer.sizes(teacher), listed, chosen)
+    return Plan(teacher_cfg, adapter, teacher, teacher_sizes, listed, chosen)
 
 
 def check_run_inputs(cfg: SearchJobConfig, plan: Plan) -> DistillJobConfig:
     """The checks a real (not dry) run adds; returns the candidates' distillation config template."""
     s = cfg.search
+    check_prune_options(cfg.prune, calibrates=True)
     if s.eval_blocks < 1:
         raise ConfigError(f"search.eval_blocks: must be at least 1, got {s.eval_blocks}")
     if s.candidate is not None and not 0 <= s.candidate < len(plan.chosen):
         raise ConfigError(f"search.candidate: {s.candidate} is not a candidate index (0..{len(plan.chosen) - 1})")
     ranking.halving_rounds(len(plan.chosen), cfg.train.max_steps, s.halving)
-    if cfg.data.seq_len > max_positions(plan.teacher_config):
-        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the teacher's maximum positions "
-                          f"({max_positions(plan.teacher_config)})")
-    cfg.model.path = local_checkpoint(cfg.model.path)
-    if not any(Path(cfg.model.path).glob("*.safetensors")) and not any(Path(cfg.model.path).glob("*.bin")):
-        raise ConfigError(f"model.path: {cfg.model.path} has a config.json but no weights (*.safetensors, *.bin); "
-                          "only search.dry_run=true works from a config alone")
-    if not cfg.data.tokenizer:
-        if not has_tokenizer(cfg.model.path):
-            raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
-        cfg.data.tokenizer = cfg.model.path
+    check_teacher_checkpoint(cfg, plan.teacher_config)
     template = DistillJobConfig(
         output_dir="", seed=cfg.seed, resume="auto", teacher=dataclasses.replace(cfg.model, name="teacher"),
         data=copy.deepcopy(cfg.data), train=dataclasses.replace(cfg.train, schedule_steps=cfg.train.max_steps),
@@ -109,7 +99,6 @@ def check_run_inputs(cfg: SearchJobConfig, plan: Plan) -> DistillJobConfig:
 
     check_train_config(template, world_size_from_env())
     check_loss_config(template)
-    check_source(cfg.data)
     _check_output_dir(cfg)
     return template
 

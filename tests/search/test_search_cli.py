@@ -205,3 +205,12 @@ def test_bad_input_exits_with_one_line_and_writes_nothing(tiny_teacher, corpus_d
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: search.params: 1000000 is above the teacher's")
     assert not out.exists() and not (tmp_path / "importance").exists()
+
+
+def test_prune_options_are_checked_like_minitron_prunes(tiny_teacher, corpus_dir, tmp_path):
+    cfg = bad(tiny_teacher, corpus_dir, tmp_path, "prune.importance.seq_agg=max")
+    with pytest.raises(ConfigError, match="^prune.importance.seq_agg: must be one of mean, l2, var"):
+        plan_search(cfg)
+    cfg = bad(tiny_teacher, corpus_dir, tmp_path, "prune.calibration.num_samples=0")
+    with pytest.raises(ConfigError, match="^prune.calibration.num_samples: the calibration set is empty"):
+        check_run_inputs(cfg, plan_search(cfg))
