@@ -78,7 +78,7 @@ def measure_memory_child(teacher: str, corpus: str, out: str, ffn: int, micro_ba
         "prune": {"export": {"ffn_hidden_size": ffn},
                   "calibration": {"num_samples": 64, "micro_batch_size": micro_batch},
                   "depth": {"eval_blocks": 16}, "scores_dir": out + ".importance"}}))  # never reused
-    build_or_load(cfg.data, init_gang())  # opens the cache the parent built (memory-mapped)
+    build_or_load(cfg.data, init_gang(), cfg.seed)  # opens the cache the parent built (memory-mapped)
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 

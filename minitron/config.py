@@ -40,25 +40,49 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One corpus of a blend (`data.sources`); unset keys take data.*'s value."""
+    path: Optional[str] = None
+    name: Optional[str] = None
+    weight: float = 1.0
+    """Share of the training samples drawn from this source (weights are normalised)."""
+    split: Optional[str] = None
+    text_field: Optional[str] = None
+    txt_documents: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
     path: Optional[str] = None
-    """A .txt / .jsonl / .parquet file or a directory of them. With `name` unset too: embedded corpus."""
+    """A .txt / .jsonl / .json / .parquet file, a directory of them, or the prefix of a Megatron
+    .bin/.idx pair. With `name` and `sources` unset too: the embedded corpus."""
     name: Optional[str] = None
     """A `datasets` hub name or a directory written by `Dataset.save_to_disk`."""
     split: str = "train"
     """Split to read from a `datasets` source."""
     text_field: str = "text"
     """Column / JSON key that holds the document text."""
+    txt_documents: str = "paragraph"
+    """How a .txt file is cut into documents: paragraph (blank lines), line, or file."""
+    sources: List[DataSource] = field(default_factory=list)
+    """A blend: [{path: ..., weight: ...}, ...] instead of data.path / data.name."""
+    val_path: Optional[str] = None
+    """Validation data (same formats as `path`); unset: `val_fraction` of the documents."""
     tokenizer: Optional[str] = None
     """Hugging Face tokenizer directory or name; unset: train a byte-level BPE on the train split."""
     vocab_size: int = 4096
     """Vocabulary size of a trained tokenizer."""
+    tokenizer_sample_bytes: int = 100_000_000
+    """A trained tokenizer learns from the first this-many characters of the training split."""
     seq_len: int = 256
     """Tokens per packed block (documents are concatenated with EOS between them)."""
     val_fraction: float = 0.02
-    """Fraction of documents held out for validation (by a hash of the document, not its position)."""
+    """Fraction of documents held out for validation (by a hash of the document, not its position;
+    a Megatron .bin/.idx source holds out its last documents)."""
     max_bytes: Optional[int] = None
-    """Read documents until this many bytes of text; unset reads all (the embedded corpus: 12 MB)."""
+    """Read each source until this many characters of text; unset reads all (embedded: 12 MB)."""
+    num_proc: Optional[int] = None
+    """Processes that tokenise; unset: the CPU cores available (at most 16)."""
     cache_dir: Optional[str] = None
     """Where tokenised data is cached; unset: $MINITRON_CACHE or ~/.cache/minitron."""
 
@@ -384,12 +408,6 @@ def check_train_config(cfg, world_size: int) -> None:
         raise ConfigError(f"resume: must be auto or never, got {cfg.resume!r}")
     if cfg.logger.backend not in ("wandb", "none"):
         raise ConfigError(f"logger: must be wandb or none, got {cfg.logger.backend!r}")
-    if cfg.data.seq_len < 2:
-        raise ConfigError(f"data.seq_len: must be at least 2, got {cfg.data.seq_len}")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
-    if cfg.data.path and cfg.data.name:
-        raise ConfigError("data.path: set either data.path or data.name, not both")
     stage = cfg.deepspeed.zero_optimization.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage: must be 0-3, got {stage}")

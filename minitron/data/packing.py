@@ -1,31 +1,46 @@
-"""Tokenise documents, pack them into fixed-length blocks, and cache the result on disk.
+"""The packed data a job trains on: its sources tokenised into fixed-length blocks, cached on disk.
 
-The cache key hashes everything the blocks depend on (document texts, split, tokenizer, block
-length), so a changed input never reuses stale blocks. Entries are written to a temporary
-directory and renamed, so an interrupted build never looks complete.
+Cache layout under data.cache_dir (or $MINITRON_CACHE, ~/.cache/minitron):
+    tokenizer-<key>/   the tokenizer the blocks were made with (given, or trained on a sample)
+    <key>/             one source's blocks: train.bin, val.bin, meta.json (see build.py)
+    indexed-<key>/     a Megatron .bin/.idx source: meta.json only; its blocks are read in place
+    blend-<key>/       a blend of several sources: which source and row each block comes from
+    file-digests/      content hashes of corpus files, memoised by path, size and mtime
+Every key hashes everything its content depends on (source file contents, tokenizer, block
+length, split), so a changed input never reuses stale blocks, and no key needs the corpus in
+memory. Entries are built in a temporary directory and renamed: an interrupted build never looks
+complete.
 """
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
+import torch
 
 from minitron.config import ConfigError, DataConfig
-from minitron.data.corpus import load_documents, split_documents
+from minitron.data import blend, indexed
+from minitron.data.build import build_entry, token_dtype
+from minitron.data.corpus import (Source, document_batches, fingerprint, is_validation, source_files,
+                                  training_sources, validation_source)
 from minitron.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
+                   "*.model", "*.tiktoken")
 
 
 @dataclass
 class PackedData:
     train: np.ndarray
-    """[num_blocks, seq_len] token ids, memory-mapped: each rank reads only its own rows."""
+    """[num_blocks, seq_len] token ids, memory-mapped (or a blend of such): each rank reads only its
+    own rows."""
     val: np.ndarray
     tokenizer_dir: Path
     cache_dir: Path
@@ -40,74 +55,196 @@ def default_cache_root(cfg: DataConfig) -> Path:
     return Path(os.environ.get("MINITRON_CACHE", Path.home() / ".cache" / "minitron"))
 
 
-def pack_documents(docs: List[str], tokenizer, seq_len: int) -> np.ndarray:
-    """Concatenate documents with EOS after each, then cut into [N, seq_len] blocks (the tail
-    shorter than one block is dropped)."""
-    eos = tokenizer.eos_token_id
-    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
-    stream = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype)
-    num_blocks = len(stream) // seq_len
-    return stream[: num_blocks * seq_len].reshape(num_blocks, seq_len)
-
-
-def cache_key(train: List[str], val: List[str], cfg: DataConfig) -> str:
-    h = hashlib.sha256()
-    spec = {"v": CACHE_VERSION, "seq_len": cfg.seq_len, "tokenizer": cfg.tokenizer,
-            "vocab_size": None if cfg.tokenizer else cfg.vocab_size}
-    if cfg.tokenizer and Path(cfg.tokenizer).expanduser().is_dir():
-        for f in sorted(Path(cfg.tokenizer).expanduser().glob("*.json")):
-            h.update(f.read_bytes())
-    h.update(json.dumps(spec, sort_keys=True).encode())
-    for name, docs in (("train", train), ("val", val)):
-        h.update(name.encode())
-        for doc in docs:
-            h.update(hashlib.blake2b(doc.encode(), digest_size=16).digest())
-    return h.hexdigest()[:20]
-
-
-def build_or_load(cfg: DataConfig, gang) -> PackedData:
-    """Return the packed data for `cfg`. Only rank 0 reads and tokenises; it broadcasts where the
-    cache entry is (or the error it hit, so every rank fails with the same message)."""
+def build_or_load(cfg: DataConfig, gang, seed: int = 0) -> PackedData:
+    """The packed data for `cfg`. Rank 0 reads and tokenises while the other ranks wait; it
+    broadcasts where the entries are (or the error it hit, so every rank fails with the same
+    message). A node that cannot see them (a per-node cache directory) builds its own copy."""
     result = None
     if gang.rank == 0:
         try:
-            docs = load_documents(cfg)
-            train_docs, val_docs = split_documents(docs, cfg.val_fraction)
-            entry = default_cache_root(cfg) / cache_key(train_docs, val_docs, cfg)
-            if not (entry / "meta.json").exists():
-                _build_entry(entry, train_docs, val_docs, cfg)
-            result = ("ok", str(entry))
+            result = ("ok", prepare(cfg, seed))
         except ConfigError as e:
             result = ("error", str(e))
             if gang.world_size == 1:
                 raise
-    status, value = gang.broadcast_object(result)
+    status, layout = gang.broadcast_object(result)
     if status == "error":
-        raise ConfigError(value)
-    return _open_entry(Path(value))
+        raise ConfigError(layout)
+    failed = 0
+    if gang.rank != 0 and gang.local_rank == 0 and not (Path(layout["cache_dir"]) / "meta.json").exists():
+        try:
+            layout = prepare(cfg, seed)
+        except ConfigError:
+            failed = 1
+    if gang.all_reduce_sum(torch.tensor([failed])).item():
+        raise ConfigError("data.cache_dir: building the data cache failed on another node")
+    return open_layout(layout)
 
 
-def _build_entry(entry: Path, train_docs: List[str], val_docs: List[str], cfg: DataConfig) -> None:
+def prepare(cfg: DataConfig, seed: int) -> dict:
+    """Build whatever cache entries are missing; return where the job's data is."""
+    root = default_cache_root(cfg)
+    memo = root / "file-digests"
+    sources, val_source = training_sources(cfg), validation_source(cfg)
+    fraction = 0.0 if val_source else cfg.val_fraction
+    prints = [fingerprint(s, memo) for s in sources]
+    tok_dir = _tokenizer_entry(cfg, root, sources, prints, fraction)
+    tok = load_tokenizer(str(tok_dir))
+    need = (True, val_source is None and len(sources) == 1)
+    train_entries = [_source_entry(cfg, root, s, p, tok, tok_dir.name, fraction, need)
+                     for s, p in zip(sources, prints)]
+    val_entries = ([_source_entry(cfg, root, val_source, fingerprint(val_source, memo), tok, tok_dir.name, 1.0,
+                                  (False, True))] if val_source else train_entries)
+    weights = [s.weight for s in sources]
+    layout = {"tokenizer_dir": str(tok_dir), "train": [str(e) for e in train_entries],
+              "val": [str(e) for e in val_entries], "weights": weights, "cache_dir": str(train_entries[0])}
+    if len(sources) > 1:
+        layout["cache_dir"] = str(_blend_entry(root, layout, seed, own_val=val_source is None))
+    return layout
+
+
+def open_layout(layout: dict) -> PackedData:
+    train = [_open_blocks(Path(e), "train") for e in layout["train"]]
+    val = [_open_blocks(Path(e), "val") for e in layout["val"]]
+    if len(train) > 1:
+        blend_dir = Path(layout["cache_dir"])
+        train = [blend.BlendedBlocks(train, *(np.load(blend_dir / f"train_{n}.npy", mmap_mode="r")
+                                              for n in ("source", "row")))]
+        if len(val) > 1:
+            val = [blend.BlendedBlocks(val, *(np.load(blend_dir / f"val_{n}.npy", mmap_mode="r")
+                                              for n in ("source", "row")))]
+    if len(val[0]) == 0:
+        raise ConfigError("data.val_fraction: the validation split holds no block; add documents, raise "
+                          "data.val_fraction or set data.val_path")
+    return PackedData(train=train[0], val=val[0], tokenizer_dir=Path(layout["tokenizer_dir"]),
+                      cache_dir=Path(layout["cache_dir"]))
+
+
+def _open_blocks(entry: Path, split: str) -> np.ndarray:
+    meta = json.loads((entry / "meta.json").read_text())
+    blocks, seq_len, dtype = meta[f"{split}_blocks"], meta["seq_len"], np.dtype(meta["dtype"])
+    if blocks == 0:
+        return np.empty((0, seq_len), dtype)
+    file = entry / meta.get(f"{split}_file", f"{split}.bin")  # an absolute path (indexed) stays as it is
+    return np.memmap(file, dtype=dtype, mode="r", offset=meta.get(f"{split}_offset", 0) * dtype.itemsize,
+                     shape=(blocks, seq_len))
+
+
+def _key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps({"v": CACHE_VERSION, **spec}, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _tokenizer_entry(cfg: DataConfig, root: Path, sources: List[Source], prints: List[str],
+                     fraction: float) -> Path:
+    if cfg.tokenizer:
+        path = Path(cfg.tokenizer).expanduser()
+        files = sorted({f for pattern in TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()}) \
+            if path.is_dir() else []
+        spec = {"tokenizer": None if files else cfg.tokenizer,
+                "files": [[f.name, hashlib.sha256(f.read_bytes()).hexdigest()] for f in files]}
+        make = lambda: load_tokenizer(cfg.tokenizer)  # noqa: E731
+    else:
+        spec = {"vocab_size": cfg.vocab_size, "sample": cfg.tokenizer_sample_bytes, "val_fraction": fraction,
+                "sources": [[p, s.weight] for s, p in zip(sources, prints)]}
+        make = lambda: train_bpe_tokenizer(  # noqa: E731
+            _tokenizer_sample(sources, cfg.tokenizer_sample_bytes, fraction), cfg.vocab_size)
+    entry = root / f"tokenizer-{_key(spec)}"
+    if not entry.exists():
+        _write_atomically(entry, lambda tmp: make().save_pretrained(tmp))
+    return entry
+
+
+def _tokenizer_sample(sources: List[Source], budget: int, fraction: float) -> Iterator[str]:
+    """The first `budget` characters of the training split, shared among sources by weight.
+    Matches the blocks' split exactly, including the one document a corpus with no validation
+    document by hash gives to validation (the last; see build.py)."""
+    total_weight = sum(s.weight for s in sources)
+    for source in sources:
+        share, taken, count, held, saw_val, capped = budget * source.weight / total_weight, 0, 0, None, False, False
+        for batch in document_batches(source):
+            for doc in batch:
+                if fraction and is_validation(doc, fraction):
+                    saw_val = True
+                    continue
+                if taken >= share:
+                    capped = True
+                    break
+                if held is not None:
+                    yield held
+                held, taken, count = doc, taken + len(doc), count + 1
+            if capped:
+                break
+        if held is not None and (capped or saw_val or count == 1 or not fraction):
+            yield held
+
+
+def _source_entry(cfg: DataConfig, root: Path, source: Source, print_: str, tok, tok_key: str,
+                  fraction: float, need: Tuple[bool, bool]) -> Path:
+    spec = {"source": print_, "tokenizer": tok_key, "seq_len": cfg.seq_len, "val_fraction": fraction}
+    if source.kind == "indexed":
+        entry = root / f"indexed-{_key(spec)}"
+        if not (entry / "meta.json").exists():
+            _write_atomically(entry, lambda tmp: _index_meta(tmp, source, tok, cfg.seq_len, fraction, need))
+        return entry
+    entry = root / _key(spec)
+    if not (entry / "meta.json").exists():
+        total = sum(f.stat().st_size for f in source_files(source)) if source.kind == "files" else None
+        build_entry(entry, document_batches(source), tok, cfg.seq_len, fraction, _num_proc(cfg), source.key,
+                    need, label=Path(source.describe()).name, total_chars=total,
+                    extra_meta={"source": source.describe(), "tokenizer": tok_key})
+    return entry
+
+
+def _index_meta(out: Path, source: Source, tok, seq_len: int, fraction: float, need) -> None:
+    """A Megatron pair's blocks are read where they are: train is its first documents, validation
+    its last `fraction` of documents (Megatron splits by document ranges too)."""
+    pair = indexed.open_pair(source.path, source.key)
+    top = indexed.max_token(pair)
+    if top >= len(tok):
+        raise ConfigError(f"data.tokenizer: {source.path}.bin holds token id {top}, outside the tokenizer's "
+                          f"{len(tok)} tokens; set data.tokenizer to the tokenizer that wrote it")
+    n_val = 0 if fraction == 0 else pair.num_documents if fraction >= 1 else \
+        min(pair.num_documents - 1, math.ceil(fraction * pair.num_documents))
+    split = int(pair.document_starts[pair.num_documents - n_val])
+    meta = {"seq_len": seq_len, "dtype": pair.dtype.name, "source": source.path, "vocab_size": len(tok),
+            "train_file": str(pair.bin_path), "train_offset": 0, "train_blocks": split // seq_len,
+            "val_file": str(pair.bin_path), "val_offset": split, "val_blocks": (pair.num_tokens - split) // seq_len,
+            "train_documents": pair.num_documents - n_val, "val_documents": n_val,
+            "train_tokens": split, "val_tokens": pair.num_tokens - split}
+    for name, needed in zip(("train", "val"), need):
+        if needed and meta[f"{name}_blocks"] == 0:
+            raise ConfigError(f"data.seq_len: the {name} part of {source.key} has fewer than {seq_len} tokens "
+                              "(one block)")
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _blend_entry(root: Path, layout: dict, seed: int, own_val: bool) -> Path:
+    """Which source and row each blended block comes from, computed once and memory-mapped."""
+    sizes = {split: [json.loads((Path(e) / "meta.json").read_text())[f"{split}_blocks"] for e in layout[split]]
+             for split in ("train", "val")}
+    entry = root / f"blend-{_key({'parts': layout['train'], 'val': layout['val'], 'weights': layout['weights'], 'seed': seed})}"
+
+    def write(tmp: Path):
+        for split, shuffle in (("train", True), ("val", False)):
+            if split == "val" and not own_val:
+                continue
+            source, row = blend.blend_index(sizes[split], layout["weights"], seed, shuffle)
+            np.save(tmp / f"{split}_source.npy", source.astype(np.int16))
+            np.save(tmp / f"{split}_row.npy", row)
+        (tmp / "meta.json").write_text(json.dumps({"train_blocks": int(sum(sizes["train"])),
+                                                   "weights": layout["weights"], "parts": layout["train"]}, indent=2))
+
+    if not (entry / "meta.json").exists():
+        _write_atomically(entry, write)
+    return entry
+
+
+def _write_atomically(entry: Path, write) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-"))
     try:
-        tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_bpe_tokenizer(train_docs, cfg.vocab_size)
-        tok.save_pretrained(tmp / "tokenizer")
-        train = pack_documents(train_docs, tok, cfg.seq_len)
-        val = pack_documents(val_docs, tok, cfg.seq_len)
-        if len(train) == 0:
-            raise ConfigError(f"data.seq_len: the training split has fewer than {cfg.seq_len} tokens (one block)")
-        if len(val) == 0:
-            raise ConfigError(f"data.seq_len: the validation split has fewer than {cfg.seq_len} tokens "
-                              "(one block); add documents or raise data.val_fraction")
-        np.save(tmp / "train.npy", train)
-        np.save(tmp / "val.npy", val)
-        meta = {"train_blocks": len(train), "val_blocks": len(val), "seq_len": cfg.seq_len,
-                "train_documents": len(train_docs), "val_documents": len(val_docs),
-                "vocab_size": len(tok)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if entry.exists():  # a concurrent builder finished first; its entry is identical
+        write(tmp)
+        if entry.exists():
             shutil.rmtree(tmp)
         else:
             tmp.rename(entry)
@@ -116,10 +253,7 @@ def _build_entry(entry: Path, train_docs: List[str], val_docs: List[str], cfg: D
         raise
 
 
-def _open_entry(entry: Path) -> PackedData:
-    return PackedData(
-        train=np.load(entry / "train.npy", mmap_mode="r"),
-        val=np.load(entry / "val.npy", mmap_mode="r"),
-        tokenizer_dir=entry / "tokenizer",
-        cache_dir=entry,
-    )
+def _num_proc(cfg: DataConfig) -> int:
+    if cfg.num_proc:
+        return cfg.num_proc
+    return max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))

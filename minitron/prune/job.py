@@ -103,7 +103,7 @@ def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:
     if cfg.deepspeed.zero_optimization.get("stage", 0) and gang.rank == 0:
         log.info("deepspeed: calibration runs data-parallel with the teacher on every rank; the ZeRO stage "
                  "does not apply to pruning")
-    data = build_or_load(cfg.data, gang)
+    data = build_or_load(cfg.data, gang, cfg.seed)
     tokenizer = data.tokenizer()
     check_vocab(tokenizer, teacher_cfg)
 

@@ -173,7 +173,7 @@ def run_search_job(cfg: SearchJobConfig, config_yaml: str) -> dict:
         if not (out / SPEC).is_file():
             write_json_atomic(out / SPEC, _spec(cfg))
         (out / "search_config.yaml").write_text(config_yaml)
-    data = build_or_load(cfg.data, gang)
+    data = build_or_load(cfg.data, gang, cfg.seed)
     tokenizer = data.tokenizer()
     check_vocab(tokenizer, plan.teacher_config)
     rows = candidate_rows(plan)

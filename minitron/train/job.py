@@ -29,7 +29,6 @@ def check_inputs(cfg: TrainJobConfig, world_size: int):
     """Cheap checks; returns the model's transformers config (vocab size still a placeholder for
     presets, which take the tokenizer's)."""
     check_train_config(cfg, world_size)
-    check_source(cfg.data)
     hf_config = resolve_hf_config(cfg.model, vocab_size=cfg.data.vocab_size)
     limit = max_positions(hf_config)
     if cfg.data.seq_len > limit:
@@ -38,6 +37,7 @@ def check_inputs(cfg: TrainJobConfig, world_size: int):
         if not has_tokenizer(cfg.model.path):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = cfg.model.path
+    check_source(cfg.data)
     return hf_config
 
 
@@ -49,7 +49,7 @@ def start_run(cfg, config_yaml: str):
     if gang.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
-    return gang, out, build_or_load(cfg.data, gang)
+    return gang, out, build_or_load(cfg.data, gang, cfg.seed)
 
 
 def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:

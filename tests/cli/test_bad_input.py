@@ -30,3 +30,9 @@ def test_empty_corpus(tmp_path, corpus_dir):
     empty.mkdir()
     (empty / "blank.txt").write_text("   \n")
     assert bad(tmp_path, corpus_dir, f"data.path={empty}").startswith("error: data.path: the corpus is empty")
+
+
+def test_binary_corpus_file(tmp_path, corpus_dir):
+    (tmp_path / "weights.txt").write_bytes(bytes(range(256)) * 4)
+    line = bad(tmp_path, corpus_dir, f"data.path={tmp_path / 'weights.txt'}")
+    assert line.startswith("error: data.path: ") and "is a binary file" in line

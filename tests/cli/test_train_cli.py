@@ -1,6 +1,7 @@
 """The real CLI, one process: outputs, W&B offline files, the exported checkpoint."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +65,22 @@ def test_multirun_sweep_runs_each_job(tmp_path, corpus_dir):
     losses = [json.loads((tmp_path / f"lr{lr}" / "summary.json").read_text())["val_loss"]
               for lr in ("0.001", "0.002")]
     assert losses[0] != losses[1]
+
+
+def test_one_large_text_file_with_the_defaults(tmp_path, corpus_dir):
+    """The most common corpus: one .txt file. Its blank lines separate documents, so it has a
+    validation split; with a blend of it and a JSON-lines corpus the run trains too."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f.read_text() for f in sorted(corpus_dir.glob("*.txt"))) * 6)  # ~2.5 MB
+    out = tmp_path / "run"
+    run_cli(tiny_args(corpus, out, "train.max_steps=3", "train.eval_every=3"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(summary["val_loss"])
+    meta = json.loads((Path(summary["data_cache"]) / "meta.json").read_text())
+    assert meta["val_documents"] > 10 and meta["val_blocks"] > 0
+    (tmp_path / "more.jsonl").write_text(json.dumps({"text": corpus_dir.joinpath("doc00.txt").read_text()}) + "\n")
+    blend = f"data.sources=[{{path: {corpus}, weight: 3}}, {{path: {tmp_path / 'more.jsonl'}, weight: 1}}]"
+    args = [a for a in tiny_args(corpus, tmp_path / "blend", "train.max_steps=2", "train.eval_every=2", blend)
+            if not a.startswith("data.path=")]
+    run_cli(args)
+    assert (tmp_path / "blend" / "summary.json").exists()
