@@ -33,9 +33,14 @@ def corpus_dir(tmp_path_factory) -> Path:
              "json/encoder.py", "logging/__init__.py", "pathlib.py", "pprint.py", "random.py",
              "shutil.py", "statistics.py", "string.py", "textwrap.py", "typing.py", "uuid.py",
              "zipfile.py"]
-    for i, name in enumerate(names):
-        (out / f"doc{i:02d}.txt").write_text((stdlib / name).read_text(encoding="utf-8"))
+    for i, name in enumerate(names):  # JSON lines: a module is one document however .txt is cut
+        (out / f"doc{i:02d}.jsonl").write_text(json.dumps({"text": (stdlib / name).read_text(encoding="utf-8")}) + "\n")
     return out
+
+
+def corpus_texts(corpus_dir: Path) -> list:
+    """The test corpus's documents, in the order the data path reads them."""
+    return [json.loads(f.read_text())["text"] for f in sorted(corpus_dir.glob("*.jsonl"))]
 
 
 def tiny_args(corpus_dir: Path, output_dir: Path, *extra: str) -> list:

@@ -26,6 +26,8 @@ def blend_index(sizes: Sequence[int], weights: Sequence[float], seed: int, shuff
     """(source id, row) per blended block. `shuffle` picks a seeded subset / repeat order of each
     source's rows (training); without it, rows are taken in order (validation)."""
     total = int(sum(sizes))
+    if total == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     counts = apportion(total, [w if n else 0.0 for w, n in zip(weights, sizes)])
     # The k-th block of source i sits at (k + 0.5) / count_i along the blend: evenly spread.
     position = np.concatenate([(np.arange(c) + 0.5) / c for c in counts if c])

@@ -6,6 +6,7 @@ each batch into train and validation tokens (EOS after every document); the pare
 results to `train.bin` and `val.bin` in document order, so the files are exactly what tokenising
 the whole corpus at once and concatenating would give. Small corpora never start the workers.
 """
+import gc
 import json
 import logging
 import multiprocessing
@@ -103,6 +104,7 @@ def _tokenise(out: Path, batches, tokenizer, seq_len, val_fraction, num_proc, to
             seconds = time.perf_counter() - start
             bar.set_postfix_str(f"{counts['train_documents'] + counts['val_documents']:,} docs, "
                                 f"{(counts['train_tokens'] + counts['val_tokens']) / seconds:,.0f} tok/s", refresh=False)
+    bar.update(max(0, (bar.total or 0) - bar.n))  # the total was an estimate (file bytes)
     bar.close()
     if counts["val_documents"] == 0 and counts["train_documents"] > 1 and 0 < val_fraction < 1:
         _move_last_document_to_val(out, dtype, counts, last_train)
@@ -143,7 +145,12 @@ def _encode_all(batches: Iterable[List[str]], encode_here: Callable, worker_args
     # fork shares the tokenizer without pickling; tokenizers' thread pool is never started in
     # this process (see _serial_tokenizers), so forking is safe. Elsewhere, spawn.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(num_proc, initializer=_init_worker, initargs=worker_args) as pool:
+    gc.freeze()  # the workers' garbage collector then leaves inherited pages shared, not copied
+    try:
+        pool = context.Pool(num_proc, initializer=_init_worker, initargs=worker_args)
+    finally:
+        gc.unfreeze()
+    with pool:
         pending = deque()
         for docs in batches:
             pending.append((sum(map(len, docs)), pool.apply_async(_encode_in_worker, (docs,))))

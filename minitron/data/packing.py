@@ -136,21 +136,26 @@ def _key(spec: dict) -> str:
 
 def _tokenizer_entry(cfg: DataConfig, root: Path, sources: List[Source], prints: List[str],
                      fraction: float) -> Path:
+    """A copy of the given tokenizer (keyed by its files), or one trained on the sample (keyed by
+    the sample's inputs)."""
     if cfg.tokenizer:
         path = Path(cfg.tokenizer).expanduser()
         files = sorted({f for pattern in TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()}) \
             if path.is_dir() else []
         spec = {"tokenizer": None if files else cfg.tokenizer,
                 "files": [[f.name, hashlib.sha256(f.read_bytes()).hexdigest()] for f in files]}
-        make = lambda: load_tokenizer(cfg.tokenizer)  # noqa: E731
     else:
         spec = {"vocab_size": cfg.vocab_size, "sample": cfg.tokenizer_sample_bytes, "val_fraction": fraction,
                 "sources": [[p, s.weight] for s, p in zip(sources, prints)]}
-        make = lambda: train_bpe_tokenizer(  # noqa: E731
-            _tokenizer_sample(sources, cfg.tokenizer_sample_bytes, fraction), cfg.vocab_size)
     entry = root / f"tokenizer-{_key(spec)}"
+
+    def write(tmp: Path):
+        tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_bpe_tokenizer(
+            _tokenizer_sample(sources, cfg.tokenizer_sample_bytes, fraction), cfg.vocab_size)
+        tok.save_pretrained(tmp)
+
     if not entry.exists():
-        _write_atomically(entry, lambda tmp: make().save_pretrained(tmp))
+        _write_atomically(entry, write)
     return entry
 
 

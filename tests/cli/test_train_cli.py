@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import read_metrics, run_cli, tiny_args
+from conftest import corpus_texts, read_metrics, run_cli, tiny_args
 
 
 def test_tiny_run_writes_a_loadable_checkpoint_and_summary(tmp_path, corpus_dir):
@@ -71,14 +71,14 @@ def test_one_large_text_file_with_the_defaults(tmp_path, corpus_dir):
     """The most common corpus: one .txt file. Its blank lines separate documents, so it has a
     validation split; with a blend of it and a JSON-lines corpus the run trains too."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f.read_text() for f in sorted(corpus_dir.glob("*.txt"))) * 6)  # ~2.5 MB
+    corpus.write_text("\n\n".join(corpus_texts(corpus_dir)) * 6)  # ~2.5 MB
     out = tmp_path / "run"
     run_cli(tiny_args(corpus, out, "train.max_steps=3", "train.eval_every=3"))
     summary = json.loads((out / "summary.json").read_text())
     assert math.isfinite(summary["val_loss"])
     meta = json.loads((Path(summary["data_cache"]) / "meta.json").read_text())
     assert meta["val_documents"] > 10 and meta["val_blocks"] > 0
-    (tmp_path / "more.jsonl").write_text(json.dumps({"text": corpus_dir.joinpath("doc00.txt").read_text()}) + "\n")
+    (tmp_path / "more.jsonl").write_text(json.dumps({"text": corpus_texts(corpus_dir)[0]}) + "\n")
     blend = f"data.sources=[{{path: {corpus}, weight: 3}}, {{path: {tmp_path / 'more.jsonl'}, weight: 1}}]"
     args = [a for a in tiny_args(corpus, tmp_path / "blend", "train.max_steps=2", "train.eval_every=2", blend)
             if not a.startswith("data.path=")]

@@ -75,6 +75,12 @@ def test_bad_sources_name_the_key(tmp_path, content, message):
         documents(DataConfig(path=str(tmp_path / "d.jsonl")))
 
 
+def test_parquet_without_the_text_column(tmp_path):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "d.parquet")
+    with pytest.raises(ConfigError, match="^data.text_field: .*d.parquet has no column or key 'text'"):
+        documents(DataConfig(path=str(tmp_path)))
+
+
 def test_bad_input_caught_by_the_cheap_check(tmp_path):
     def fails(message, **data):
         with pytest.raises(ConfigError, match=f"^{message}"):

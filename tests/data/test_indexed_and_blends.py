@@ -4,6 +4,7 @@ import struct
 import numpy as np
 import pytest
 
+from conftest import corpus_texts
 from minitron.config import ConfigError, DataConfig, DataSource
 from minitron.data import indexed
 from minitron.data.corpus import check_source
@@ -29,7 +30,7 @@ def write_megatron_pair(prefix, documents, dtype=np.uint16):
 
 @pytest.fixture
 def tokenizer_dir(tmp_path, corpus_dir):
-    train_bpe_tokenizer([f.read_text() for f in sorted(corpus_dir.glob("*.txt"))], 512).save_pretrained(
+    train_bpe_tokenizer(corpus_texts(corpus_dir), 512).save_pretrained(
         tmp_path / "tok")
     return tmp_path / "tok"
 

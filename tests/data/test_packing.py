@@ -4,15 +4,13 @@ import json
 import numpy as np
 import pytest
 
+from conftest import corpus_texts
 from minitron.config import ConfigError, DataConfig
 from minitron.data import build
+from minitron.data.corpus import is_validation
 from minitron.data.packing import build_or_load
 from minitron.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from minitron.dist.gang import LocalGang
-
-
-def corpus_texts(corpus_dir) -> list:
-    return [f.read_text() for f in sorted(corpus_dir.glob("*.txt"))]
 
 
 def reference_blocks(docs, val_fraction, vocab_size, seq_len):
@@ -72,6 +70,24 @@ def test_blocks_are_identical_to_the_in_memory_path(tmp_path, corpus_dir, val_fr
     assert meta["train_tokens"] >= train.size and meta["train_blocks"] == len(train)
 
 
+def test_trained_tokenizer_learns_from_a_bounded_sample(tmp_path, corpus_dir):
+    docs = corpus_texts(corpus_dir)
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = DataConfig(path=str(tmp_path / "corpus.jsonl"), vocab_size=400, seq_len=64, tokenizer_sample_bytes=50_000,
+                     cache_dir=str(tmp_path / "cache"))
+    data = build_or_load(cfg, LocalGang())
+    train_docs = [d for d in docs if not is_validation(d, cfg.val_fraction)]
+    sample, total = [], 0
+    for doc in train_docs:
+        if total >= 50_000:
+            break
+        sample.append(doc)
+        total += len(doc)
+    assert len(sample) < len(train_docs)
+    assert data.tokenizer().get_vocab() == train_bpe_tokenizer(sample, 400).get_vocab()
+    assert data.tokenizer().get_vocab() != train_bpe_tokenizer(train_docs, 400).get_vocab()
+
+
 def test_worker_processes_give_the_same_blocks(tmp_path, corpus_dir, monkeypatch):
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_texts(corpus_dir)))
     tok_dir = tmp_path / "tok"
@@ -104,7 +120,7 @@ def test_cache_is_reused_and_keyed_by_inputs(tmp_path, corpus_dir):
     cfg.seq_len = 32
     assert build_or_load(cfg, LocalGang()).cache_dir != first.cache_dir
     cfg.seq_len = 64
-    (corpus_dir / "doc00.txt").touch()  # a new mtime, same content: re-hashed, same entry
+    (corpus_dir / "doc00.jsonl").touch()  # a new mtime, same content: re-hashed, same entry
     assert build_or_load(cfg, LocalGang()).cache_dir == first.cache_dir
     assert not list(tmp_path.glob(".*"))  # no temporary entries left behind
 
