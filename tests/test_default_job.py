@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from minitron.data.packing import open_blocks
+
 
 def unigram_ppl(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
     """Perplexity of add-one-smoothed unigram frequencies of the training blocks, on the tokens the
@@ -23,7 +25,7 @@ def test_default_job_beats_unigram_and_exports_a_generating_model(embedded_teach
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((out / "model" / "config.json").read_text())
     data_dir = Path(summary["data_cache"])
-    train, val = np.load(data_dir / "train.npy", mmap_mode="r"), np.load(data_dir / "val.npy", mmap_mode="r")
+    train, val = open_blocks(data_dir, "train"), open_blocks(data_dir, "val")
     eval_blocks = val[:64]  # train.eval_blocks default: the blocks val_loss was measured on
     baseline = unigram_ppl(train, eval_blocks, config["vocab_size"])
     assert summary["val_ppl"] < 0.3 * baseline, (summary["val_ppl"], baseline)

@@ -19,14 +19,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import numpy as np
 import torch
 
 from minitron.config import ConfigError, DataConfig
 from minitron.data import blend, indexed
-from minitron.data.build import build_entry, token_dtype
+from minitron.data.build import build_entry
 from minitron.data.corpus import (Source, document_batches, fingerprint, is_validation, source_files,
                                   training_sources, validation_source)
 from minitron.data.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -104,8 +104,8 @@ def prepare(cfg: DataConfig, seed: int) -> dict:
 
 
 def open_layout(layout: dict) -> PackedData:
-    train = [_open_blocks(Path(e), "train") for e in layout["train"]]
-    val = [_open_blocks(Path(e), "val") for e in layout["val"]]
+    train = [open_blocks(Path(e), "train") for e in layout["train"]]
+    val = [open_blocks(Path(e), "val") for e in layout["val"]]
     if len(train) > 1:
         blend_dir = Path(layout["cache_dir"])
         train = [blend.BlendedBlocks(train, *(np.load(blend_dir / f"train_{n}.npy", mmap_mode="r")
@@ -120,7 +120,7 @@ def open_layout(layout: dict) -> PackedData:
                       cache_dir=Path(layout["cache_dir"]))
 
 
-def _open_blocks(entry: Path, split: str) -> np.ndarray:
+def open_blocks(entry: Path, split: str) -> np.ndarray:
     meta = json.loads((entry / "meta.json").read_text())
     blocks, seq_len, dtype = meta[f"{split}_blocks"], meta["seq_len"], np.dtype(meta["dtype"])
     if blocks == 0:

@@ -26,6 +26,7 @@ from minitron.prune.shape import student_config, teacher_shape
 from minitron.models.weights import model_weights
 from minitron.prune.slicing import prune_model
 from minitron.train.loop import evaluate
+from minitron.data.packing import open_blocks
 
 CPU = torch.device("cpu")
 RANDOM_SEEDS = (1, 2, 3, 4)
@@ -36,8 +37,7 @@ EVAL_BLOCKS = 64
 def test_importance_beats_random_pruning_on_the_embedded_teacher(embedded_teacher):
     summary = json.loads((embedded_teacher / "summary.json").read_text())
     data = Path(summary["data_cache"])
-    train = np.load(data / "train.npy", mmap_mode="r")
-    val = np.load(data / "val.npy", mmap_mode="r")
+    train, val = open_blocks(data, "train"), open_blocks(data, "val")
     teacher = AutoModelForCausalLM.from_pretrained(summary["output_model"]).eval()
     adapter, hd = adapter_for(teacher.config), head_dim_of(teacher.config)
     gang = LocalGang()
