@@ -56,23 +56,37 @@ def encode(docs: List[str], tokenizer, dtype: np.dtype, val_fraction: float) -> 
 def build_entry(entry: Path, batches: Iterable[List[str]], tokenizer, seq_len: int, val_fraction: float,
                 num_proc: int, key: str, need: Tuple[bool, bool], label: str, total_chars: Optional[int] = None,
                 extra_meta: Optional[dict] = None) -> None:
-    """Write a cache entry (`train.bin`, `val.bin`, `meta.json`) at `entry`, atomically: it is
-    built in a temporary directory and renamed, so an interrupted build never looks complete.
+    """Write a cache entry (`train.bin`, `val.bin`, `meta.json`) at `entry`, atomically.
     `need` says which of (train, validation) must have at least one block."""
+    def write(tmp: Path):
+        meta = _tokenise(tmp, batches, tokenizer, seq_len, val_fraction, num_proc, total_chars, label)
+        check_blocks(meta, need, key)
+        meta.update(extra_meta or {})
+        log.info("data: %s documents, %s tokens of %s in %.1f s -> %s",
+                 f"{meta['train_documents'] + meta['val_documents']:,}",
+                 f"{meta['train_tokens'] + meta['val_tokens']:,}", key, meta["build_seconds"], entry)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    write_atomically(entry, write)
+
+
+def check_blocks(meta: dict, need: Tuple[bool, bool], key: str) -> None:
+    """An entry's (train, validation) sides that `need` blocks have at least one."""
+    for split, needed in zip(("train", "val"), need):
+        if needed and meta[f"{split}_blocks"] == 0:
+            side = "training" if split == "train" else "validation"
+            hint = "add documents or raise data.val_fraction" if split == "val" else "add documents"
+            raise ConfigError(f"data.seq_len: the {side} split of {key} has fewer than {meta['seq_len']} tokens "
+                              f"(one block); {hint}")
+
+
+def write_atomically(entry: Path, write: Callable[[Path], None]) -> None:
+    """`write` fills a temporary directory beside `entry`, which is then renamed to it: an
+    interrupted write never looks complete."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-"))
     try:
-        meta = _tokenise(tmp, batches, tokenizer, seq_len, val_fraction, num_proc, total_chars, label)
-        for split, needed in zip(("train", "val"), need):
-            if needed and meta[f"{split}_blocks"] == 0:
-                side = "training" if split == "train" else "validation"
-                hint = "add documents or raise data.val_fraction" if split == "val" else "add documents"
-                raise ConfigError(f"data.seq_len: the {side} split of {key} has fewer than {seq_len} tokens "
-                                  f"(one block); {hint}")
-        meta.update(extra_meta or {})
-        log.info("data: %s documents, %s tokens of %s in %.1f s -> %s", f"{meta['train_documents'] + meta['val_documents']:,}",
-                 f"{meta['train_tokens'] + meta['val_tokens']:,}", key, meta["build_seconds"], entry)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        write(tmp)
         if entry.exists():  # a concurrent builder finished first; its entry is identical
             shutil.rmtree(tmp)
         else:

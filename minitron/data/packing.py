@@ -15,8 +15,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Tuple
@@ -26,7 +24,7 @@ import torch
 
 from minitron.config import ConfigError, DataConfig
 from minitron.data import blend, indexed
-from minitron.data.build import build_entry
+from minitron.data.build import build_entry, check_blocks, write_atomically
 from minitron.data.corpus import (Source, document_batches, fingerprint, is_validation, source_files,
                                   training_sources, validation_source)
 from minitron.data.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -155,7 +153,7 @@ def _tokenizer_entry(cfg: DataConfig, root: Path, sources: List[Source], prints:
         tok.save_pretrained(tmp)
 
     if not entry.exists():
-        _write_atomically(entry, write)
+        write_atomically(entry, write)
     return entry
 
 
@@ -189,7 +187,7 @@ def _source_entry(cfg: DataConfig, root: Path, source: Source, print_: str, tok,
     if source.kind == "indexed":
         entry = root / f"indexed-{_key(spec)}"
         if not (entry / "meta.json").exists():
-            _write_atomically(entry, lambda tmp: _index_meta(tmp, source, tok, cfg.seq_len, fraction, need))
+            write_atomically(entry, lambda tmp: _index_meta(tmp, source, tok, cfg.seq_len, fraction, need))
         return entry
     entry = root / _key(spec)
     if not (entry / "meta.json").exists():
@@ -216,10 +214,7 @@ def _index_meta(out: Path, source: Source, tok, seq_len: int, fraction: float, n
             "val_file": str(pair.bin_path), "val_offset": split, "val_blocks": (pair.num_tokens - split) // seq_len,
             "train_documents": pair.num_documents - n_val, "val_documents": n_val,
             "train_tokens": split, "val_tokens": pair.num_tokens - split}
-    for name, needed in zip(("train", "val"), need):
-        if needed and meta[f"{name}_blocks"] == 0:
-            raise ConfigError(f"data.seq_len: the {name} part of {source.key} has fewer than {seq_len} tokens "
-                              "(one block)")
+    check_blocks(meta, need, source.key)
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -240,22 +235,8 @@ def _blend_entry(root: Path, layout: dict, seed: int, own_val: bool) -> Path:
                                                    "weights": layout["weights"], "parts": layout["train"]}, indent=2))
 
     if not (entry / "meta.json").exists():
-        _write_atomically(entry, write)
+        write_atomically(entry, write)
     return entry
-
-
-def _write_atomically(entry: Path, write) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-"))
-    try:
-        write(tmp)
-        if entry.exists():
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _num_proc(cfg: DataConfig) -> int:
