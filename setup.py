@@ -14,7 +14,8 @@ setup(
     # conf/ sits at the top of the repo (it is what users edit) and ships inside the package as
     # minitron.conf, so the entry points find it from any working directory.
     package_dir={"minitron.conf": "conf"},
-    package_data={"minitron.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
+    package_data={"minitron.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"],
+                  "minitron.eval.tasks": ["*.yaml", "*.jsonl"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.15",
@@ -33,14 +34,18 @@ setup(
     extras_require={
         # triton: its interpreter runs the GPU loss kernel's tests on CPU (TRITON_INTERPRET=1).
         # scipy: the reference Kendall tau; the submitit plugin: the SLURM launcher config composes.
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.2", "scipy>=1.10", "hydra-submitit-launcher>=1.2"],
+        # lm-eval: the shipped local task runs for real in the tests.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.2", "scipy>=1.10", "hydra-submitit-launcher>=1.2",
+                "lm-eval[hf]>=0.4"],
         "gpu": ["flash-attn>=2.6"],
-        "eval": ["lm-eval>=0.4"],
+        "eval": ["lm-eval[hf]>=0.4"],
         # hydra/launcher=slurm: search candidates (or any sweep) as SLURM jobs.
         "slurm": ["hydra-submitit-launcher>=1.2"],
     },
     entry_points={"console_scripts": ["minitron-train=minitron.cli.train:main",
                                         "minitron-prune=minitron.cli.prune:main",
                                         "minitron-distill=minitron.cli.distill:main",
-                                        "minitron-search=minitron.cli.search:main"]},
+                                        "minitron-search=minitron.cli.search:main",
+                                        "minitron-eval=minitron.cli.eval:main",
+                                        "minitron-pipeline=minitron.cli.pipeline:main"]},
 )

@@ -373,12 +373,91 @@ class SearchJobConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
 
+@dataclass
+class EvalConfig:
+    tasks: List[str] = field(default_factory=list)
+    """lm-eval-harness tasks run on the model (needs the `eval` extra): the shipped local
+    `python_next_line`, or any installed lm-eval task whose data is available."""
+    blocks: int = 64
+    """Validation blocks the perplexity is measured on (the same blocks for every model)."""
+    micro_batch_size: int = 8
+    """Blocks per forward pass of the perplexity."""
+    limit: Optional[int] = None
+    """At most this many items of each task; unset: all."""
+    batch_size: int = 8
+    """lm-eval's batch size."""
+
+
+@dataclass
+class EvalJobConfig:
+    output_dir: str = "runs/eval"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to evaluate: `model.path`, any Hugging Face causal LM checkpoint."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the validation blocks come from (tokenised with the model's own tokenizer)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """Accepted like every command's; evaluation replicates the model on every rank."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class TargetConfig:
+    """One student of the family: a budget the search picks a shape for, or an explicit shape."""
+    name: Optional[str] = None
+    """Names its directories and its row in the report; unset: made from the budget or shape."""
+    params: Optional[float] = None
+    """Budget in parameters: the shape is searched (search.*)."""
+    fraction: Optional[float] = None
+    """Budget as a fraction of the teacher's parameters (searched), e.g. 0.5."""
+    shape: PruneExportConfig = field(default_factory=PruneExportConfig)
+    """An explicit shape (prune.export's keys): pruned as given, no search."""
+
+
+PIPELINE_STAGES = ("correct", "importance", "search", "prune", "distill", "eval", "report")
+
+
+@dataclass
+class PipelineJobConfig:
+    output_dir: str = "runs/pipeline"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The teacher: `model.path`; unset: the embedded teacher is pretrained first (pretrain.*)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The distillation data (and the embedded teacher's pretraining data)."""
+    targets: List[TargetConfig] = field(default_factory=list)
+    """The students: [{fraction: 0.5}, {params: 3e6}, {shape: {num_layers: 4}}, ...]."""
+    stages: List[str] = field(default_factory=lambda: [s for s in PIPELINE_STAGES if s != "correct"])
+    """Which of correct, importance, search, prune, distill, eval, report run (always in that order);
+    add `correct` for teacher correction (arXiv 2408.11796)."""
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    """The embedded teacher's pretraining (no model.path)."""
+    correct: TrainConfig = field(default_factory=TrainConfig)
+    """Teacher correction: continued LM training of the teacher on data.* before pruning."""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """Importance, calibration and depth choices (each target's shape is its own)."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """The search for budget targets (its budget keys come from each target)."""
+    search_steps: int = 100
+    """Each candidate's distillation budget in a search (the search's train.max_steps)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Each target's distillation (and the search candidates', but for max_steps)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """The pipeline's own run (report tables and plots); the stages log to metrics.jsonl."""
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
     cs.store(name="prune_schema", node=PruneJobConfig)
     cs.store(name="distill_schema", node=DistillJobConfig)
     cs.store(name="search_job_schema", node=SearchJobConfig)
+    cs.store(name="eval_schema", node=EvalJobConfig)
+    cs.store(name="pipeline_schema", node=PipelineJobConfig)
     cs.store(group="search", name="search_schema", node=SearchConfig)
     cs.store(group="distill", name="distill_loss_schema", node=DistillConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)

@@ -23,7 +23,7 @@ from torch import nn
 
 from minitron.config import ConfigError
 from minitron.models.adapters import FamilyAdapter
-from minitron.train.loop import evaluate
+from minitron.eval.perplexity import evaluate
 
 AGGREGATIONS = ("mean", "l2", "var")
 

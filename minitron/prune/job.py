@@ -25,8 +25,8 @@ from minitron.models.build import (DTYPES, build_model, count_params, has_tokeni
 from minitron.prune import importance, scores
 from minitron.prune.shape import check_exportable, resolve_target, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
-from minitron.train.job import write_json_atomic
-from minitron.train.loop import evaluate
+from minitron.run import write_json_atomic
+from minitron.eval.perplexity import evaluate
 from minitron.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)

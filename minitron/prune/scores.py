@@ -22,7 +22,7 @@ from minitron.models.build import head_dim_of
 from minitron.prune import importance
 from minitron.prune.select import Kept, select_kept
 from minitron.prune.shape import Shape
-from minitron.train.loop import evaluate
+from minitron.eval.perplexity import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from minitron.search.budget import BUDGET_KEYS, within_budgets
 from minitron.search.sizing import Sizer, Sizes
 from minitron.search.space import AXES, enumerate_shapes, shape_name, spread
 from minitron.search.zero_shot import final_hidden_states, zero_shot_scores
-from minitron.train.job import write_json_atomic
+from minitron.run import write_json_atomic
 from minitron.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,10 @@ class Plan:
     """The candidates ranked: `listed`, or a spread of search.max_candidates of them."""
 
 
-def plan_search(cfg: SearchJobConfig) -> Plan:
-    """Every check that needs configs alone, and the candidates; loads no weights."""
-    if not cfg.model.path:
+def plan_search(cfg: SearchJobConfig, teacher_cfg=None) -> Plan:
+    """Every check that needs configs alone, and the candidates; loads no weights. `teacher_cfg`:
+    the teacher's transformers config when it has no checkpoint yet (the pipeline's embedded one)."""
+    if not cfg.model.path and teacher_cfg is None:
         raise ConfigError("model.path: set it to the teacher's Hugging Face checkpoint directory "
                           "(a directory with only config.json is enough for search.dry_run=true)")
     for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads", "num_layers"):
@@ -66,7 +67,7 @@ def plan_search(cfg: SearchJobConfig) -> Plan:
         raise ConfigError("search.memory.seq_len: the KV cache's seq_len and batch_size must be at least 1")
     if s.max_candidates < 1:
         raise ConfigError(f"search.max_candidates: must be at least 1, got {s.max_candidates}")
-    teacher_cfg = resolve_hf_config(cfg.model, vocab_size=0)
+    teacher_cfg = teacher_cfg or resolve_hf_config(cfg.model, vocab_size=0)
     adapter = adapter_for(teacher_cfg)
     teacher = teacher_shape(teacher_cfg)
     shapes = enumerate_shapes(teacher, s.space, teacher_cfg, adapter)

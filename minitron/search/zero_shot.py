@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minitron.train.loop import LOSS_CHUNK_TOKENS, eval_batches
+from minitron.eval.perplexity import LOSS_CHUNK_TOKENS, eval_batches
 
 
 @torch.no_grad()

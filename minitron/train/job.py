@@ -3,20 +3,16 @@
 Everything that can be checked without data or weights is checked first, so a user's mistake
 costs seconds, not a tokenisation pass or a model build.
 """
-import json
 import logging
 import math
-import os
-import shutil
-from pathlib import Path
 
 from minitron.config import ConfigError, TrainJobConfig, check_train_config
 from minitron.data.corpus import check_source
-from minitron.data.packing import build_or_load
 from minitron.data.sampler import BlockSampler
-from minitron.dist.engine import deepspeed_config, gathered_parameters, initialize
-from minitron.dist.gang import init_gang, world_size_from_env
+from minitron.dist.engine import deepspeed_config, initialize
+from minitron.dist.gang import world_size_from_env
 from minitron.models.build import build_model, count_params, has_tokenizer, max_positions, resolve_hf_config
+from minitron.run import export_model, start_run, write_json_atomic
 from minitron.train import checkpoint
 from minitron.train.loop import lm_loss, train_loop
 from minitron.train.schedule import build_optimizer
@@ -39,17 +35,6 @@ def check_inputs(cfg: TrainJobConfig, world_size: int):
         cfg.data.tokenizer = cfg.model.path
     check_source(cfg.data)
     return hf_config
-
-
-def start_run(cfg, config_yaml: str):
-    """(gang, output dir, packed data) for a training-loop job (train or distill): the process
-    group, the output directory with the resolved config (rank 0), the data."""
-    gang = init_gang()
-    out = Path(cfg.output_dir)
-    if gang.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml)
-    return gang, out, build_or_load(cfg.data, gang, cfg.seed)
 
 
 def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
@@ -103,27 +88,3 @@ def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
         write_json_atomic(out / "summary.json", summary)
     gang.barrier()
     return summary
-
-
-def export_model(engine, tokenizer, model_dir: Path, gang, model=None, extra_files=None) -> Path:
-    """A plain transformers checkpoint (safetensors + tokenizer) of `model` (default: the
-    engine's whole module) plus `extra_files` {name: text}, renamed into place only once complete
-    so a crash never leaves a directory that looks finished."""
-    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
-    with gathered_parameters(engine):
-        if gang.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (model or engine.module).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
-            shutil.rmtree(model_dir, ignore_errors=True)
-            os.replace(tmp, model_dir)
-    gang.barrier()
-    return model_dir
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the jobs of one sweep may write at once
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -4,14 +4,14 @@ unchanged. The engine is duck-typed (DeepSpeed's: backward / step / save_checkpo
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from minitron.config import ConfigError, TrainConfig
+from minitron.eval.perplexity import evaluate
 from minitron.train.schedule import schedule_length
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], Tuple[torch.Tensor, Dict[str, float]]]
@@ -89,56 +89,6 @@ def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: Tr
                       train_loss=train_loss, val_loss=val_loss,
                       tokens_per_s=timed_tokens / timed_seconds if timed_seconds else float("nan"),
                       last_metrics=means)
-
-
-@torch.no_grad()
-def evaluate(model, val_blocks: np.ndarray, micro_batch_size: int, gang, device: torch.device,
-             max_blocks: Optional[int] = None) -> float:
-    """Mean next-token loss over the validation blocks, sharded over ranks. Every rank runs the
-    same number of forward passes (ZeRO-3 gathers weights collectively in each one); padding rows
-    carry weight 0."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    for input_ids, w in eval_batches(val_blocks, micro_batch_size, gang, device, max_blocks):
-        total += torch.stack([(sequence_losses(model, input_ids).double().cpu() * w).sum(), w.sum()])
-    total = gang.all_reduce_sum(total)
-    return (total[0] / total[1]).item()
-
-
-def eval_batches(val_blocks: np.ndarray, micro_batch_size: int, gang, device: torch.device,
-                 max_blocks: Optional[int] = None):
-    """This rank's (input_ids, weight per row) micro-batches of the first `max_blocks` blocks; every
-    rank yields as many, padding rows carry weight 0."""
-    count = len(val_blocks) if max_blocks is None else min(len(val_blocks), max_blocks)
-    per_rank = math.ceil(count / gang.world_size)
-    mine = np.arange(gang.rank, count, gang.world_size)
-    weights = np.concatenate([np.ones(len(mine)), np.zeros(per_rank - len(mine))])
-    rows = np.concatenate([mine, np.zeros(per_rank - len(mine), dtype=np.int64)]).astype(np.int64)
-    for start in range(0, per_rank, micro_batch_size):
-        idx = rows[start:start + micro_batch_size]
-        yield (torch.from_numpy(np.asarray(val_blocks[idx], dtype=np.int64)).to(device),
-               torch.from_numpy(weights[start:start + micro_batch_size]))
-
-
-# Families whose logits are exactly lm_head(final hidden states): their loss is computed over
-# chunks of tokens, so [batch x seq x vocab] float32 logits never exist at once (16 GB for 8
-# sequences of 4096 tokens over a 128k vocabulary).
-PLAIN_LM_HEAD = ("llama", "mistral", "qwen2", "qwen3")
-LOSS_CHUNK_TOKENS = 1024
-
-
-def sequence_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """[batch] mean next-token cross-entropy of each sequence (float32)."""
-    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    if getattr(module.config, "model_type", None) not in PLAIN_LM_HEAD:
-        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
-        return F.cross_entropy(logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none").mean(1)
-    hidden = module.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
-    targets = input_ids[:, 1:].flatten()
-    head = module.get_output_embeddings()
-    per_token = torch.cat([F.cross_entropy(head(h).float(), t, reduction="none")
-                           for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
-    return per_token.view(input_ids.shape[0], -1).mean(1)
 
 
 def _grad_norm(engine) -> float:

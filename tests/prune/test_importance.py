@@ -16,7 +16,7 @@ from minitron.models.build import head_dim_of
 from minitron.prune.shape import student_config, teacher_shape
 from minitron.models.weights import model_weights
 from minitron.prune.slicing import prune_model
-from minitron.train.loop import evaluate
+from minitron.eval.perplexity import evaluate
 from random_models import random_model
 
 BLOCKS = np.random.default_rng(0).integers(0, 97, size=(10, 16))

@@ -25,7 +25,7 @@ from minitron.models.build import head_dim_of
 from minitron.prune.shape import student_config, teacher_shape
 from minitron.models.weights import model_weights
 from minitron.prune.slicing import prune_model
-from minitron.train.loop import evaluate
+from minitron.eval.perplexity import evaluate
 from minitron.data.packing import open_blocks
 
 CPU = torch.device("cpu")

@@ -9,8 +9,9 @@ from minitron.config import DeepSpeedConfig, TrainConfig
 from minitron.data.sampler import BlockSampler
 from minitron.dist.engine import deepspeed_config, initialize
 from minitron.dist.gang import LocalGang, init_gang
-from minitron.train import loop
-from minitron.train.loop import evaluate, lm_loss, train_loop
+from minitron.eval import perplexity
+from minitron.eval.perplexity import evaluate
+from minitron.train.loop import lm_loss, train_loop
 from minitron.train.schedule import build_optimizer
 
 VOCAB = 97
@@ -73,11 +74,11 @@ def test_evaluate_matches_a_float64_reference_with_padding_rows():
 def test_chunked_sequence_losses_match_full_logits_in_float64(monkeypatch, chunk):
     """The loss over chunks of tokens (never all logits at once) equals the full-logit loss, for
     chunks that split sequences and for one chunk; tied embeddings go through the same head."""
-    monkeypatch.setattr(loop, "LOSS_CHUNK_TOKENS", chunk)
+    monkeypatch.setattr(perplexity, "LOSS_CHUNK_TOKENS", chunk)
     model = tiny_model(2).double().eval()
     x = torch.from_numpy(np.random.default_rng(2).integers(0, VOCAB, size=(3, 11)))
     with torch.no_grad():
         logits = model(input_ids=x).logits[:, :-1]
         expected = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1)
-        got = loop.sequence_losses(model, x)
+        got = perplexity.sequence_losses(model, x)
     torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=0)

@@ -1,0 +1,254 @@
+"""The pipeline job (`minitron-pipeline`): one teacher to an evaluated family of students, the
+Minitron recipe (arXiv 2407.14679; 2408.11796 for teacher correction) as a chain of the existing
+jobs called as functions: pretrain the embedded teacher (no model.path) -> correct -> importance
+(once, shared by every target) -> search (budget targets) or prune (explicit shapes) -> distill
+-> eval -> report.
+
+Every stage writes under `output_dir/<stage>/<name>-<key>/`, the key hashing the stage's settings
+and the keys of what it reads (pipeline/plan.py). A stage whose summary.json exists is skipped;
+one that was killed resumes (the training jobs from their last checkpoint, the search from its
+candidates' files), so a rerun of a finished pipeline only reads results.
+"""
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from minitron.config import (DistillJobConfig, LoggerConfig, ModelConfig, PipelineJobConfig, PruneJobConfig,
+                             TrainJobConfig)
+from minitron.data.packing import build_or_load
+from minitron.dist.gang import init_gang
+from minitron.eval.job import evaluate_model
+from minitron.models.build import build_model, resolve_hf_config
+from minitron.pipeline import report
+from minitron.pipeline.plan import PipelinePlan, Target, checkpoint_identity, plan_pipeline, search_config, spec_key
+from minitron.run import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+NO_LOGGER = LoggerConfig(backend="none")  # stages log to metrics.jsonl; the pipeline's own run has the report
+
+
+@dataclasses.dataclass
+class Model:
+    """A checkpoint the pipeline made or was given, and the key that names it in later stages."""
+    label: str
+    kind: str  # teacher, pruned or distilled
+    path: str
+    key: str
+    run_dir: Optional[str] = None
+    """The run that made it (its metrics.jsonl feeds the report)."""
+
+
+def _yaml(job) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(job))
+
+
+def _done(summary: Path) -> Optional[dict]:
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
+@contextlib.contextmanager
+def _stage(name: str, label: str, gang, seconds: dict):
+    """Announces a stage that runs (not one that is skipped) and records how long it took."""
+    if gang.rank == 0:
+        log.info("stage %s: %s", name, label)
+    t0 = time.perf_counter()
+    yield
+    seconds[f"{name}/{label}"] = round(time.perf_counter() - t0, 1)
+
+
+def run_pipeline_job(cfg: PipelineJobConfig, config_yaml: str) -> dict:
+    plan = plan_pipeline(cfg)
+    gang = init_gang()
+    out = Path(cfg.output_dir)
+    if gang.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pipeline_config.yaml").write_text(config_yaml)
+    seconds, skipped = {}, []
+    teacher = pretrain_teacher(cfg, out, gang, seconds, skipped)
+    data = dataclasses.replace(cfg.data, tokenizer=cfg.data.tokenizer or teacher.path)
+    if "correct" in plan.stages:
+        teacher = correct_teacher(cfg, teacher, data, out, gang, seconds, skipped)
+    scores_dir = out / "importance"
+    if "importance" in plan.stages:
+        score_importance(cfg, plan, teacher, data, scores_dir, gang, seconds, skipped)
+
+    pruned, distilled = {}, {}
+    for target in plan.targets:
+        if target.params is not None and "search" in plan.stages:
+            pruned[target.name] = search_target(cfg, target, teacher, data, scores_dir, out, gang, seconds, skipped)
+        elif target.shape is not None and "prune" in plan.stages:
+            pruned[target.name] = prune_target(cfg, target, teacher, data, scores_dir, out, gang, seconds, skipped)
+        if target.name in pruned and "distill" in plan.stages:
+            distilled[target.name] = distill_target(cfg, target, teacher, pruned[target.name], data, out, gang,
+                                                    seconds, skipped)
+    models = [teacher, *pruned.values(), *distilled.values()]
+    rows = []
+    if "eval" in plan.stages:
+        rows = evaluate_models(cfg, models, data, out, gang, seconds, skipped)
+    summary = {"teacher": teacher.path, "targets": [dataclasses.asdict(t) for t in plan.targets],
+               "stages": plan.stages, "models": rows,
+               "stages_skipped": skipped, "stage_seconds": seconds,
+               "world_size": gang.world_size}
+    if gang.rank == 0:
+        if "report" in plan.stages and rows:
+            summary["report"] = str(report.write_report(out, rows, cfg.logger).resolve())
+        write_json_atomic(out / "summary.json", summary)
+    gang.barrier()
+    summary["table"] = report.format_table(rows) if rows else ""
+    return summary
+
+
+def pretrain_teacher(cfg, out: Path, gang, seconds, skipped) -> Model:
+    """The teacher: model.path as given, or the embedded one pretrained here on data.*."""
+    if cfg.model.path:
+        return Model("teacher", "teacher", cfg.model.path, spec_key(checkpoint_identity(cfg.model.path)))
+    key = spec_key("pretrain", cfg.model, cfg.data, cfg.pretrain, cfg.seed)
+    run = out / "teacher" / f"embedded-{key}"
+    if _done(run / "summary.json"):
+        skipped.append("teacher")
+    else:
+        with _stage("teacher", "embedded", gang, seconds):
+            from minitron.train.job import run_training_job
+
+            job = TrainJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto", model=cfg.model, data=cfg.data,
+                                 train=cfg.pretrain, deepspeed=cfg.deepspeed, logger=NO_LOGGER)
+            run_training_job(job, _yaml(job))
+    return Model("teacher", "teacher", str((run / "model").resolve()), key, str(run))
+
+
+def correct_teacher(cfg, teacher: Model, data, out: Path, gang, seconds, skipped) -> Model:
+    """Teacher correction (arXiv 2408.11796 section 3.1): continued LM training of the teacher on
+    the distillation data, so its distribution matches what the student will see."""
+    key = spec_key("correct", teacher.key, data, cfg.correct, cfg.seed)
+    run = out / "correct" / f"teacher-{key}"
+    if _done(run / "summary.json"):
+        skipped.append("correct")
+    else:
+        with _stage("correct", "teacher", gang, seconds):
+            from minitron.train.job import run_training_job
+
+            job = TrainJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto",
+                                 model=ModelConfig(name="teacher", path=teacher.path), data=data, train=cfg.correct,
+                                 deepspeed=cfg.deepspeed, logger=NO_LOGGER)
+            run_training_job(job, _yaml(job))
+    return Model("teacher", "teacher", str((run / "model").resolve()), key, str(run))
+
+
+def _prune_job(cfg, teacher: Model, data, scores_dir: Path, output_dir: str, shape=None) -> PruneJobConfig:
+    prune = dataclasses.replace(cfg.prune, scores_dir=str(scores_dir))
+    if shape is not None:
+        prune = dataclasses.replace(prune, export=dataclasses.replace(cfg.prune.export, **shape.as_dict()))
+    return PruneJobConfig(output_dir=output_dir, seed=cfg.seed, model=ModelConfig(name="teacher", path=teacher.path),
+                          data=data, prune=prune, deepspeed=cfg.deepspeed, logger=NO_LOGGER)
+
+
+def score_importance(cfg, plan: PipelinePlan, teacher: Model, data, scores_dir: Path, gang, seconds, skipped):
+    """The calibration pass, once for every target: the prune and search stages read the same
+    score cache (minitron/prune/scores.py), with the depth losses each shape target needs."""
+    from minitron.prune import scores
+    from minitron.prune.shape import teacher_shape
+    from minitron.models.adapters import adapter_for
+    from minitron.models.build import DTYPES
+
+    # Not keyed by the targets: a new target's prune stage adds whatever depth losses it lacks.
+    key = spec_key("importance", teacher.key, data, cfg.prune.calibration, cfg.prune.importance, cfg.prune.depth,
+                   cfg.prune.precision, cfg.seed)
+    marker = scores_dir / f"stage-{key}.json"
+    if marker.is_file():
+        skipped.append("importance")
+        return
+    with _stage("importance", "teacher", gang, seconds):
+        job = _prune_job(cfg, teacher, data, scores_dir, str(scores_dir / "unused"))
+        teacher_cfg = resolve_hf_config(job.model, vocab_size=0)
+        shape = teacher_shape(teacher_cfg)
+        blocks = [scores.depth_block(shape, t.shape, cfg.prune.depth) for t in plan.targets if t.shape is not None]
+        packed = build_or_load(data, gang, cfg.seed)
+        model = build_model(job.model, teacher_cfg, seed=cfg.seed, dtype=DTYPES[cfg.prune.precision])
+        model = model.to(gang.device).eval()
+        imp = scores.load_or_score(job, model, adapter_for(teacher_cfg), packed, gang, gang.device, blocks)
+        if gang.rank == 0:
+            write_json_atomic(marker, {"scores": str(imp.path), "teacher": teacher.path,
+                                       "calibration_seconds": imp.calibration_seconds})
+        gang.barrier()
+
+
+def prune_target(cfg, target: Target, teacher: Model, data, scores_dir, out: Path, gang, seconds, skipped) -> Model:
+    from minitron.prune.job import run_prune_job
+
+    key = spec_key("prune", teacher.key, data, cfg.prune, target.shape.as_dict(), cfg.seed)
+    run = out / "prune" / f"{target.name}-{key}"
+    if _done(run / "summary.json"):
+        skipped.append(f"prune/{target.name}")
+    else:
+        with _stage("prune", target.name, gang, seconds):
+            job = _prune_job(cfg, teacher, data, scores_dir, str(run), target.shape)
+            run_prune_job(job, _yaml(job))
+    return Model(target.name, "pruned", str(run.resolve()), key, str(run))
+
+
+def search_target(cfg, target: Target, teacher: Model, data, scores_dir, out: Path, gang, seconds, skipped) -> Model:
+    """A budget target: minitron-search's job picks the shape; its winner is the pruned student."""
+    from minitron.search.job import run_search_job
+
+    key = spec_key("search", teacher.key, data, cfg.prune, cfg.search, cfg.search_steps, cfg.distill, cfg.train,
+                   target.params, cfg.seed)
+    run = out / "search" / f"{target.name}-{key}"
+    if _done(run / "summary.json"):
+        skipped.append(f"search/{target.name}")
+    else:
+        with _stage("search", target.name, gang, seconds):
+            job = search_config(cfg, target, teacher.path, data, str(scores_dir), str(run))
+            run_search_job(job, _yaml(job))
+    return Model(target.name, "pruned", str((run / "winner").resolve()), key, str(run))
+
+
+def distill_target(cfg, target: Target, teacher: Model, student: Model, data, out: Path, gang, seconds,
+                   skipped) -> Model:
+    from minitron.distill.job import run_distill_job
+
+    key = spec_key("distill", teacher.key, student.key, data, cfg.distill, cfg.train, cfg.seed)
+    run = out / "distill" / f"{target.name}-{key}"
+    if _done(run / "summary.json"):
+        skipped.append(f"distill/{target.name}")
+    else:
+        with _stage("distill", target.name, gang, seconds):
+            job = DistillJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto",
+                                   teacher=ModelConfig(name="teacher", path=teacher.path),
+                                   student=ModelConfig(name="student", path=student.path), data=data, train=cfg.train,
+                                   deepspeed=cfg.deepspeed, logger=NO_LOGGER, distill=cfg.distill)
+            run_distill_job(job, _yaml(job))
+    return Model(target.name, "distilled", str((run / "model").resolve()), key, str(run))
+
+
+def evaluate_models(cfg, models, data, out: Path, gang, seconds, skipped) -> list:
+    """Every model on the same validation blocks (and lm-eval tasks): one row each for the report."""
+    packed = None
+    rows = []
+    for m in models:
+        key = spec_key("eval", m.key, data, cfg.eval, cfg.seed)
+        run = out / "eval" / f"{m.label}-{m.kind}-{key}"
+        result = gang.broadcast_object(_done(run / "summary.json") if gang.rank == 0 else None)
+        if result is not None:
+            skipped.append(f"eval/{m.label}-{m.kind}")
+        else:
+            with _stage("eval", f"{m.label} ({m.kind})", gang, seconds):
+                packed = packed or build_or_load(data, gang, cfg.seed)
+                model_cfg = ModelConfig(name=m.label, path=m.path)
+                model = build_model(model_cfg, resolve_hf_config(model_cfg, vocab_size=0), seed=cfg.seed)
+                model = model.to(gang.device).eval()
+                result = {**evaluate_model(model, packed.tokenizer(), packed.val, cfg.eval, gang, gang.device, cfg.seed),
+                          "model": m.path}
+                del model
+                if gang.rank == 0:
+                    run.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(run / "summary.json", result)
+                gang.barrier()
+        rows.append({"name": m.label, "kind": m.kind, "path": m.path, "run_dir": m.run_dir, **result})
+    return rows

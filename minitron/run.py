@@ -1,0 +1,47 @@
+"""Run plumbing every job shares: start a run (process group, output directory, data), write
+JSON atomically, export a plain transformers checkpoint. Train, distill, prune, search and the
+pipeline use these, so an output directory looks the same whichever job wrote it."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+from minitron.data.packing import build_or_load
+from minitron.dist.gang import init_gang
+
+
+def start_run(cfg, config_yaml: str):
+    """(gang, output dir, packed data) for a training-loop job (train or distill): the process
+    group, the output directory with the resolved config (rank 0), the data."""
+    gang = init_gang()
+    out = Path(cfg.output_dir)
+    if gang.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
+    return gang, out, build_or_load(cfg.data, gang, cfg.seed)
+
+
+def export_model(engine, tokenizer, model_dir: Path, gang, model=None, extra_files=None) -> Path:
+    """A plain transformers checkpoint (safetensors + tokenizer) of `model` (default: the
+    engine's whole module) plus `extra_files` {name: text}, renamed into place only once complete
+    so a crash never leaves a directory that looks finished."""
+    from minitron.dist.engine import gathered_parameters  # deepspeed: only jobs with an engine export this way
+
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
+    with gathered_parameters(engine):
+        if gang.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (model or engine.module).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            shutil.rmtree(model_dir, ignore_errors=True)
+            os.replace(tmp, model_dir)
+    gang.barrier()
+    return model_dir
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the jobs of one sweep may write at once
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
