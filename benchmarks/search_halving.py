@@ -4,7 +4,7 @@ fresh output directories sharing one importance cache). Reports each protocol's 
 distillation tokens, ranking and wall time, and the ratios halving / flat.
 
     minitron-train                      # the embedded teacher, in runs/train/model
-    python benchmarks/search_halving.py [--teacher runs/train/model] [--params 6.3e6]
+    python benchmarks/search_halving.py [--teacher runs/train/model] [--params 3e6]
                                         [--candidates 8] [--steps 32]
 
 The last line is a JSON object with both protocols' figures.
@@ -37,7 +37,7 @@ def run_search(args, out: Path, halving: bool) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="runs/train/model")
-    parser.add_argument("--params", type=float, default=6.3e6)
+    parser.add_argument("--params", type=float, default=3e6)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--steps", type=int, default=32)
     args = parser.parse_args()

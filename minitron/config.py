@@ -25,9 +25,9 @@ class ModelConfig:
     """Local Hugging Face checkpoint directory (or hub name); when set the preset shape is ignored."""
     family: str = "llama"
     """transformers `model_type` used to build a model from the shape below."""
-    hidden_size: int = 384
-    intermediate_size: int = 1024
-    num_hidden_layers: int = 6
+    hidden_size: int = 288
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
     num_attention_heads: int = 6
     num_key_value_heads: int = 2
     max_position_embeddings: int = 1024

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -61,12 +62,20 @@ def tiny_teacher(tmp_path_factory, corpus_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded_teacher(tmp_path_factory) -> Path:
-    """README command 1's job as written (only output_dir differs): the embedded default teacher,
-    trained once per session (about 5 minutes on 2 cores) and shared by the slow tests."""
-    out = tmp_path_factory.mktemp("embedded") / "default"
-    run_cli([f"output_dir={out}"], launcher=["minitron-train"], timeout=1500)
-    return out
+def embedded_pipeline(tmp_path_factory):
+    """README command 1 as written (only output_dir differs): the embedded pipeline, from
+    pretraining the default teacher to the evaluated students, run once per session and shared by
+    the slow tests. Returns (output_dir, stdout, seconds)."""
+    out = tmp_path_factory.mktemp("embedded") / "pipeline"
+    started = time.perf_counter()
+    proc = run_cli([f"output_dir={out}"], launcher=["minitron-pipeline"], timeout=1800)
+    return out, proc.stdout, time.perf_counter() - started
+
+
+@pytest.fixture(scope="session")
+def embedded_teacher(embedded_pipeline) -> Path:
+    """The pipeline's embedded teacher run: summary.json, metrics.jsonl and model/."""
+    return next((embedded_pipeline[0] / "teacher").glob("embedded-*"))
 
 
 PRUNE = [sys.executable, "-m", "minitron.cli.prune"]

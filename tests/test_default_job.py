@@ -1,4 +1,4 @@
-"""README command 1's job, as written (only output_dir differs): the embedded teacher trains on
+"""README command 1 as written (only output_dir differs) pretrains the embedded teacher first: on
 2 CPU cores to a validation perplexity well below a unigram model's on the same split."""
 import json
 import math
@@ -29,7 +29,7 @@ def test_default_job_beats_unigram_and_exports_a_generating_model(embedded_teach
     eval_blocks = val[:64]  # train.eval_blocks default: the blocks val_loss was measured on
     baseline = unigram_ppl(train, eval_blocks, config["vocab_size"])
     assert summary["val_ppl"] < 0.3 * baseline, (summary["val_ppl"], baseline)
-    assert 10e6 <= summary["params"] <= 30e6
+    assert 4e6 <= summary["params"] <= 8e6
 
     model = AutoModelForCausalLM.from_pretrained(summary["output_model"])
     tok = AutoTokenizer.from_pretrained(summary["output_model"])

@@ -17,13 +17,13 @@ STEPS = 20  # x 8 blocks x 256 tokens = 41k tokens, 8% of what the teacher saw
 def test_distillation_beats_lm_retraining_and_random_init(embedded_teacher, tmp_path):
     teacher = embedded_teacher / "model"
     pruned = tmp_path / "pruned"
-    # Depth 6 -> 3 layers and ffn 1024 -> 640: 52% of the parameters. (Width alone, hidden 384 -> 288
-    # and ffn -> 448, loses so little on this small teacher that 30 steps of either loss end level.)
-    run_cli([f"model.path={teacher}", f"output_dir={pruned}", "prune.export.num_layers=3",
-             "prune.export.ffn_hidden_size=640", "prune.calibration.num_samples=64", "prune.depth.eval_blocks=16"],
+    # Depth 4 -> 2 layers and ffn 768 -> 256: 55% of the parameters (the embeddings are 40% of this
+    # small teacher). Width alone loses so little here that a short run of either loss ends level.
+    run_cli([f"model.path={teacher}", f"output_dir={pruned}", "prune.export.num_layers=2",
+             "prune.export.ffn_hidden_size=256", "prune.calibration.num_samples=64", "prune.depth.eval_blocks=16"],
             launcher=PRUNE, timeout=900)
     sizes = json.loads((pruned / "summary.json").read_text())
-    assert 0.4 < sizes["student_params"] / sizes["teacher_params"] < 0.55
+    assert 0.4 < sizes["student_params"] / sizes["teacher_params"] < 0.6
 
     def distill(name, *extra):
         out = tmp_path / name

@@ -59,7 +59,8 @@ def test_importance_beats_random_pruning_on_the_embedded_teacher(embedded_teache
     results = {}
     for name, target in {
         "mlp: half the neurons": dataclasses.replace(shape, ffn_hidden_size=shape.ffn_hidden_size // 2),
-        "heads: one of 2 KV groups": dataclasses.replace(shape, num_attention_heads=3, num_key_value_heads=1),
+        "heads: one of 2 KV groups": dataclasses.replace(shape, num_attention_heads=shape.num_attention_heads // 2,
+                                                          num_key_value_heads=shape.num_key_value_heads // 2),
         "depth: half the layers": dataclasses.replace(shape, num_layers=shape.num_layers // 2),
     }.items():
         by_importance = val_loss_after(target)
