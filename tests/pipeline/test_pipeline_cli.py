@@ -148,3 +148,24 @@ def test_bad_input_through_the_cli_is_one_line(corpus_dir, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: targets[0].fraction:")
     assert not out.exists()
+
+
+def test_teacher_correction_prunes_and_distils_from_the_corrected_teacher(piped, corpus_dir, tmp_path):
+    """With `correct` listed, the teacher is first trained on data.* through the training job; the
+    importance scores, the pruned student and its distillation all come from the corrected one."""
+    out = tmp_path / "run"
+    run_cli(pipeline_args(corpus_dir, out, "stages=[correct,importance,prune,distill,eval,report]",
+                          "correct.max_steps=3", "correct.micro_batch_size=4", "correct.global_batch_size=8",
+                          "correct.eval_every=0", "correct.save_every=0", targets=(SHALLOW,)), launcher=PIPELINE)
+    summary = json.loads((out / "summary.json").read_text())
+    corrected = next((out / "correct").glob("teacher-*"))
+    assert summary["teacher"] == str((corrected / "model").resolve())
+    assert json.loads((corrected / "summary.json").read_text())["steps"] == 3
+    pruned = next((out / "prune").glob("shallow-*"))
+    assert json.loads((pruned / "pruning.json").read_text())["teacher"]["path"] == summary["teacher"]
+    distill = json.loads((next((out / "distill").glob("shallow-*")) / "model" / "distill.json").read_text())
+    assert distill["teacher"] == summary["teacher"]
+    # The corrected teacher is another model than the pretrained one: its validation loss moved.
+    rows = rows_by_model(out)
+    _, _, first = piped
+    assert rows[("teacher", "teacher")]["val_loss"] != first[("teacher", "teacher")]["val_loss"]
