@@ -22,11 +22,11 @@ from minitron.distill.distiller import Distiller
 from minitron.distill.hidden import make_projection, resolve_index
 from minitron.distill.losses import DIVERGENCES
 from minitron.distill.teacher import Teacher, freeze
+from minitron.eval.perplexity import PLAIN_LM_HEAD, evaluate
 from minitron.models.build import (DTYPES, build_model, count_params, has_tokenizer, local_checkpoint,
                                    max_positions, resolve_hf_config)
-from minitron.train import checkpoint, flops
 from minitron.run import export_model, start_run, write_json_atomic
-from minitron.eval.perplexity import PLAIN_LM_HEAD, evaluate
+from minitron.train import checkpoint, flops
 from minitron.train.loop import train_loop
 from minitron.train.schedule import build_optimizer
 from minitron.train.tracking import make_tracker

@@ -152,10 +152,10 @@ def _prune_job(cfg, teacher: Model, data, scores_dir: Path, output_dir: str, sha
 def score_importance(cfg, plan: PipelinePlan, teacher: Model, data, scores_dir: Path, gang, seconds, skipped):
     """The calibration pass, once for every target: the prune and search stages read the same
     score cache (minitron/prune/scores.py), with the depth losses each shape target needs."""
-    from minitron.prune import scores
-    from minitron.prune.shape import teacher_shape
     from minitron.models.adapters import adapter_for
     from minitron.models.build import DTYPES
+    from minitron.prune import scores
+    from minitron.prune.shape import teacher_shape
 
     # Not keyed by the targets: a new target's prune stage adds whatever depth losses it lacks.
     key = spec_key("importance", teacher.key, data, cfg.prune.calibration, cfg.prune.importance, cfg.prune.depth,

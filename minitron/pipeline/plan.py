@@ -15,8 +15,8 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from minitron.config import (PIPELINE_STAGES, ConfigError, PipelineJobConfig, PruneExportConfig, SearchJobConfig,
-                             TargetConfig, check_train_config)
+from minitron.config import (PIPELINE_STAGES, ConfigError, DistillJobConfig, LoggerConfig, PipelineJobConfig,
+                             PruneExportConfig, SearchJobConfig, TargetConfig, check_train_config)
 from minitron.data.corpus import check_source
 from minitron.dist.gang import world_size_from_env
 from minitron.eval.job import check_eval_options
@@ -66,9 +66,9 @@ def check_stages(cfg: PipelineJobConfig) -> List[str]:
             raise ConfigError(f"stages: unknown stage {name!r}; choose from {', '.join(PIPELINE_STAGES)}")
     if len(set(stages)) != len(stages):
         raise ConfigError(f"stages: a stage is listed twice: {stages}")
-    for stage in ("search", "prune"):
-        if stage in stages and "importance" not in stages:
-            raise ConfigError(f"stages: {stage} needs importance (list it too)")
+    for stage, needs in (("search", "importance"), ("prune", "importance"), ("report", "eval")):
+        if stage in stages and needs not in stages:
+            raise ConfigError(f"stages: {stage} needs {needs} (list it too)")
     return [s for s in PIPELINE_STAGES if s in stages]
 
 
@@ -133,8 +133,6 @@ def _resolve_target(cfg, i, t: TargetConfig, teacher_config, adapter, teacher: S
 def search_config(cfg: PipelineJobConfig, target: Target, model_path: Optional[str], data=None,
                   scores_dir: Optional[str] = None, output_dir: str = "") -> SearchJobConfig:
     """The search job of a budget target: its candidates distil for search_steps each (flat)."""
-    from minitron.config import LoggerConfig
-
     return SearchJobConfig(
         output_dir=output_dir, seed=cfg.seed, model=dataclasses.replace(cfg.model, path=model_path),
         data=data or cfg.data, prune=dataclasses.replace(cfg.prune, export=PruneExportConfig(), scores_dir=scores_dir),
@@ -185,6 +183,4 @@ def plan_pipeline(cfg: PipelineJobConfig) -> PipelinePlan:
 
 def _as_train_job(cfg: PipelineJobConfig, train):
     """A stand-in job config for the train-loop checks (they read train, resume, logger, deepspeed)."""
-    from minitron.config import DistillJobConfig
-
     return DistillJobConfig(train=train, deepspeed=cfg.deepspeed, logger=cfg.logger, distill=cfg.distill)

@@ -56,6 +56,13 @@ def loss_curve(run_dir: str) -> List[tuple]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def shape_of(model_dir: str) -> str:
+    """L<layers>-H<hidden>-F<ffn>-A<heads>-K<kv heads>, as the search names shapes."""
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    return (f"L{c['num_hidden_layers']}-H{c['hidden_size']}-F{c['intermediate_size']}-A{c['num_attention_heads']}"
+            f"-K{c.get('num_key_value_heads') or c['num_attention_heads']}")
+
+
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -137,7 +144,7 @@ def write_report(out: Path, rows: List[dict], logger_cfg) -> Path:
              "![validation loss against distillation tokens](loss_vs_tokens.png)", "",
              "![parameters against perplexity](params_vs_ppl.png)", "", "## Models", ""]
     for r in rows:
-        lines.append(f"- {r['name']} ({r['kind']}): `{r['path']}`")
+        lines.append(f"- {r['name']} ({r['kind']}, {shape_of(r['path'])}): `{r['path']}`")
     text = "\n".join(lines) + "\n"
     tmp = out / ".report.md.tmp"
     tmp.write_text(text)

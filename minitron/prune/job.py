@@ -18,6 +18,7 @@ from minitron.config import ConfigError, PruneJobConfig
 from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang
+from minitron.eval.perplexity import evaluate
 from minitron.models.adapters import adapter_for
 from minitron.models.weights import SafetensorsWeights, model_weights
 from minitron.models.build import (DTYPES, build_model, count_params, has_tokenizer, local_checkpoint,
@@ -26,7 +27,6 @@ from minitron.prune import importance, scores
 from minitron.prune.shape import check_exportable, resolve_target, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
 from minitron.run import write_json_atomic
-from minitron.eval.perplexity import evaluate
 from minitron.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)

@@ -17,12 +17,12 @@ from typing import Dict, Iterable, Optional
 import numpy as np
 import torch
 
+from minitron.eval.perplexity import evaluate
 from minitron.models.adapters import FamilyAdapter
 from minitron.models.build import head_dim_of
 from minitron.prune import importance
 from minitron.prune.select import Kept, select_kept
 from minitron.prune.shape import Shape
-from minitron.eval.perplexity import evaluate
 
 log = logging.getLogger(__name__)
 

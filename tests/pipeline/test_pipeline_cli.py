@@ -61,6 +61,8 @@ def test_pipeline_writes_every_stage_and_the_report(piped):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert "| teacher | teacher |" in report and "| half | distilled |" in report
+    winner = json.loads((next((out / "search").glob("half-*")) / "summary.json").read_text())["winner"]["name"]
+    assert f"- half (distilled, {winner}):" in report  # the searched shape, named as the search names it
     # The table printed at the end and the same figures in W&B.
     assert "distilled" in proc.stdout and "pipeline done" in proc.stdout
     media = list((out / "wandb").glob("offline-run-*/files/media/images/pipeline/*.png"))
@@ -126,6 +128,7 @@ def test_killed_mid_distillation_resumes_to_the_same_result(piped, corpus_dir, t
     (["targets=[]"], "targets: list at least one student"),
     (["stages=[importance,prune,distil]"], "stages: unknown stage 'distil'"),
     (["stages=[prune,distill]"], "stages: prune needs importance"),
+    (["stages=[importance,prune,report]"], "stages: report needs eval"),
     (["stages=[importance,prune,distill]", f"targets=[{HALF}]"], "stages: distill needs search for targets[0]"),
     (["eval.tasks=[no_such_task_anywhere]"], "eval.tasks:"),
     (["pretrain.max_steps=0"], "pretrain.max_steps: must be at least 1"),
