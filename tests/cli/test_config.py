@@ -81,7 +81,7 @@ def test_distill_presets_compose_into_the_schema(preset):
         assert job.distill == DistillConfig()
 
 
-@pytest.mark.parametrize("command", ["train", "prune", "distill", "search"])
+@pytest.mark.parametrize("command", ["train", "prune", "distill", "search", "eval", "pipeline"])
 def test_every_command_takes_the_common_keys(command):
     """Scripts pass the same keys to every command: none may refuse one (minitron-prune refused
     logger=none before the search landed)."""
