@@ -481,6 +481,20 @@ def check_train_config(cfg, world_size: int) -> None:
         raise ConfigError(
             f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size}) x {world_size} process(es) = {per_step}")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: must be in [0, 1), got {getattr(t, key)}")
+    for key in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every", "keep_checkpoints"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}: must be at least 0, got {getattr(t, key)}")
+    if t.eval_blocks < 1 or t.log_every < 1:
+        key = "eval_blocks" if t.eval_blocks < 1 else "log_every"
+        raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    check_output_dir(cfg.output_dir)
     if t.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision: must be fp32 or bf16, got {t.precision!r}")
     if cfg.resume not in ("auto", "never"):
@@ -490,3 +504,16 @@ def check_train_config(cfg, world_size: int) -> None:
     stage = cfg.deepspeed.zero_optimization.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage: must be 0-3, got {stage}")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """An output_dir must be a directory that exists or can be made: found now, not after the run."""
+    import os
+    from pathlib import Path
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is a file; choose a directory")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: cannot create or write {out} ({parent} is not a writable directory)")

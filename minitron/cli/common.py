@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from minitron.config import ConfigError
+from minitron.config import ConfigError, check_output_dir
 
 EXIT_CONFIG_ERROR = 2
 
@@ -54,6 +54,15 @@ def check_group_choices(argv: list, config_root: str) -> None:
             raise ConfigError(f"{key}: unknown preset {value!r}; choose one of {', '.join(options)}")
 
 
+def check_output_dir_arg(argv: list) -> None:
+    """Hydra makes `output_dir` its run directory before the job starts, and fails with its own
+    traceback when that path is a file; a plain `output_dir=...` is checked first."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if key == "output_dir" and sep and "," not in value and "$" not in value:
+            check_output_dir(value)
+
+
 def exit_on_config_error(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -71,5 +80,6 @@ def run_hydra(config_name: str, job: Callable) -> None:
 
     sys.argv[1:] = prepare_argv(sys.argv[1:])
     exit_on_config_error(check_group_choices)(sys.argv[1:], conf_dir())
+    exit_on_config_error(check_output_dir_arg)(sys.argv[1:])
     hydra.main(config_path=conf_dir(), config_name=config_name, version_base="1.3")(
         exit_on_config_error(job))()

@@ -67,6 +67,14 @@ def check_distill_inputs(cfg: DistillJobConfig, world_size: int):
         if hf is not None and cfg.data.seq_len > max_positions(hf):
             raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the {key}'s maximum positions "
                               f"({max_positions(hf)})")
+    if teacher_cfg is not None:
+        if cfg.distill.logits.top_k > teacher_cfg.vocab_size:
+            raise ConfigError(f"distill.logits.top_k: {cfg.distill.logits.top_k} is above the teacher's vocabulary "
+                              f"of {teacher_cfg.vocab_size}; use 0 for all tokens")
+        student_params, teacher_params = count_params(student_cfg), count_params(teacher_cfg)
+        if student_params > teacher_params:
+            raise ConfigError(f"student.path: the student ({student_params:,} parameters) is larger than the teacher "
+                              f"({teacher_params:,}); swap teacher.path and student.path?")
     pairs = _resolve_pairs(cfg, teacher_cfg, student_cfg)
     _check_tokenizers(cfg)
     check_source(cfg.data)

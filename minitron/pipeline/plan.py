@@ -183,4 +183,5 @@ def plan_pipeline(cfg: PipelineJobConfig) -> PipelinePlan:
 
 def _as_train_job(cfg: PipelineJobConfig, train):
     """A stand-in job config for the train-loop checks (they read train, resume, logger, deepspeed)."""
-    return DistillJobConfig(train=train, deepspeed=cfg.deepspeed, logger=cfg.logger, distill=cfg.distill)
+    return DistillJobConfig(output_dir=cfg.output_dir, train=train, deepspeed=cfg.deepspeed, logger=cfg.logger,
+                            distill=cfg.distill)

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from minitron.config import ConfigError, PruneJobConfig
+from minitron.config import ConfigError, PruneJobConfig, check_output_dir
 from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang
@@ -43,6 +43,7 @@ def check_prune_inputs(cfg: PruneJobConfig):
     check_exportable(teacher_cfg, adapter, target)
     check_prune_options(cfg.prune, calibrates=False)
     out = Path(cfg.output_dir)
+    check_output_dir(cfg.output_dir)
     if cfg.prune.dry_run:
         if (out / "pruning.json").exists():
             raise ConfigError(f"output_dir: {out} holds a pruned model; a dry run would overwrite its "

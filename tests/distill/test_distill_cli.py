@@ -169,6 +169,10 @@ BAD = [
     ("distill.logits.divergence:", lambda t, s, o: ["distill.logits.divergence=kl"]),
     ("distill.logits.ce_weight:", lambda t, s, o: ["distill.logits.divergence=none"]),
     ("data.seq_len:", lambda t, s, o: ["data.seq_len=4096"]),
+    ("distill.logits.top_k: 100000 is above the teacher's vocabulary", lambda t, s, o: ["distill.logits.top_k=100000"]),
+    ("student.path: the student", lambda t, s, o: [f"teacher.path={s}", f"student.path={t}"]),  # swapped
+    ("train.lr: must be positive", lambda t, s, o: ["train.lr=-1"]),
+    ("output_dir: ", lambda t, s, o: [f"output_dir={t}/config.json"]),
 ]
 
 
