@@ -4,7 +4,9 @@ YAML under `conf/` only picks presets and overrides values; every key a user can
 here with a comment on what it means. Checks that need no data or model (cheap) live in
 `check_*` functions so every entry point can run them before any expensive work.
 """
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -508,9 +510,6 @@ def check_train_config(cfg, world_size: int) -> None:
 
 def check_output_dir(output_dir: str) -> None:
     """An output_dir must be a directory that exists or can be made: found now, not after the run."""
-    import os
-    from pathlib import Path
-
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} is a file; choose a directory")
