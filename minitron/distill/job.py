@@ -24,7 +24,7 @@ from minitron.distill.losses import DIVERGENCES
 from minitron.distill.teacher import Teacher, freeze
 from minitron.eval.perplexity import PLAIN_LM_HEAD, evaluate
 from minitron.models.build import (DTYPES, build_model, count_params, has_tokenizer, local_checkpoint,
-                                   max_positions, resolve_hf_config)
+                                   max_positions, resolve_hf_config, weight_files)
 from minitron.run import export_model, start_run, write_json_atomic
 from minitron.train import checkpoint, flops
 from minitron.train.loop import train_loop
@@ -58,10 +58,10 @@ def check_distill_inputs(cfg: DistillJobConfig, world_size: int):
             raise ConfigError(f"{key}.path: model type {hf.model_type!r} is not supported by the fused logit loss "
                               f"(logits = lm_head(final hidden state)); supported: {', '.join(PLAIN_LM_HEAD)}")
     cfg.student.path = local_checkpoint(cfg.student.path, key="student")
-    if cfg.student.init == "pretrained" and not _has_weights(cfg.student.path):
+    if cfg.student.init == "pretrained" and not weight_files(cfg.student.path):
         raise ConfigError(f"student.path: {cfg.student.path} has a config.json but no weights "
                           "(*.safetensors, *.bin); set student.init=random to train it from scratch")
-    if teacher_cfg is not None and not _has_weights(cfg.teacher.path):
+    if teacher_cfg is not None and not weight_files(cfg.teacher.path):
         raise ConfigError(f"teacher.path: {cfg.teacher.path} has a config.json but no weights (*.safetensors, *.bin)")
     for key, hf in (("teacher", teacher_cfg), ("student", student_cfg)):
         if hf is not None and cfg.data.seq_len > max_positions(hf):
@@ -151,10 +151,6 @@ def _check_tokenizers(cfg) -> None:
             raise ConfigError(f"student.path: its tokenizer differs from the teacher's ({len(student_vocab)} vs "
                               f"{len(teacher_vocab)} tokens, {differ} entries differ); distillation needs one "
                               "shared tokenizer")
-
-
-def _has_weights(path: str) -> bool:
-    return any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.bin"))
 
 
 def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:

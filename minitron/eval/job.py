@@ -16,7 +16,8 @@ from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang
 from minitron.eval import harness
 from minitron.eval.perplexity import evaluate
-from minitron.models.build import build_model, has_tokenizer, local_checkpoint, max_positions, resolve_hf_config
+from minitron.models.build import (build_model, has_tokenizer, local_checkpoint, max_positions, resolve_hf_config,
+                                   weight_files)
 from minitron.run import write_json_atomic
 from minitron.train.tracking import make_tracker
 
@@ -39,7 +40,7 @@ def check_eval_inputs(cfg: EvalJobConfig):
         raise ConfigError("model.path: set it to the Hugging Face checkpoint to evaluate")
     hf_config = resolve_hf_config(cfg.model, vocab_size=0)
     cfg.model.path = local_checkpoint(cfg.model.path)
-    if not any(Path(cfg.model.path).glob("*.safetensors")) and not any(Path(cfg.model.path).glob("*.bin")):
+    if not weight_files(cfg.model.path):
         raise ConfigError(f"model.path: {cfg.model.path} has a config.json but no weights (*.safetensors, *.bin)")
     if cfg.data.seq_len > max_positions(hf_config):
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's maximum positions "

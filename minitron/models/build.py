@@ -58,6 +58,12 @@ def local_checkpoint(path: str, key: str = "model") -> str:
         raise ConfigError(f"{key}.path: cannot fetch {path!r}: {str(e).splitlines()[0]}") from None
 
 
+def weight_files(path: str) -> list:
+    """A checkpoint directory's weight files (safetensors or PyTorch .bin), sorted."""
+    root = Path(path)
+    return sorted([*root.glob("*.safetensors"), *root.glob("*.bin")])
+
+
 def has_tokenizer(path: str) -> bool:
     return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
 

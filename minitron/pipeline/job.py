@@ -9,13 +9,12 @@ and the keys of what it reads (pipeline/plan.py). A stage whose summary.json exi
 one that was killed resumes (the training jobs from their last checkpoint, the search from its
 candidates' files), so a rerun of a finished pipeline only reads results.
 """
-import contextlib
 import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from omegaconf import OmegaConf
 
@@ -49,18 +48,23 @@ def _yaml(job) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(job))
 
 
-def _done(summary: Path) -> Optional[dict]:
-    return json.loads(summary.read_text()) if summary.is_file() else None
+@dataclasses.dataclass
+class Ledger:
+    """Which stages ran, with their seconds, and which were skipped as already done."""
+    gang: object
+    seconds: dict = dataclasses.field(default_factory=dict)
+    skipped: list = dataclasses.field(default_factory=list)
 
-
-@contextlib.contextmanager
-def _stage(name: str, label: str, gang, seconds: dict):
-    """Announces a stage that runs (not one that is skipped) and records how long it took."""
-    if gang.rank == 0:
-        log.info("stage %s: %s", name, label)
-    t0 = time.perf_counter()
-    yield
-    seconds[f"{name}/{label}"] = round(time.perf_counter() - t0, 1)
+    def run(self, stage: str, label: str, done: Path, skip_name: str, work: Callable[[], None]) -> None:
+        """`work()`, announced and timed, unless `done` (the file a finished stage leaves) exists."""
+        if done.is_file():
+            self.skipped.append(skip_name)
+            return
+        if self.gang.rank == 0:
+            log.info("stage %s: %s", stage, label)
+        t0 = time.perf_counter()
+        work()
+        self.seconds[f"{stage}/{label}"] = round(time.perf_counter() - t0, 1)
 
 
 def run_pipeline_job(cfg: PipelineJobConfig, config_yaml: str) -> dict:
@@ -70,31 +74,30 @@ def run_pipeline_job(cfg: PipelineJobConfig, config_yaml: str) -> dict:
     if gang.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "pipeline_config.yaml").write_text(config_yaml)
-    seconds, skipped = {}, []
-    teacher = pretrain_teacher(cfg, out, gang, seconds, skipped)
+    ledger = Ledger(gang)
+    teacher = pretrain_teacher(cfg, out, ledger)
     data = dataclasses.replace(cfg.data, tokenizer=cfg.data.tokenizer or teacher.path)
     if "correct" in plan.stages:
-        teacher = correct_teacher(cfg, teacher, data, out, gang, seconds, skipped)
+        teacher = correct_teacher(cfg, teacher, data, out, ledger)
     scores_dir = out / "importance"
     if "importance" in plan.stages:
-        score_importance(cfg, plan, teacher, data, scores_dir, gang, seconds, skipped)
+        score_importance(cfg, plan, teacher, data, scores_dir, ledger)
 
     pruned, distilled = {}, {}
     for target in plan.targets:
         if target.params is not None and "search" in plan.stages:
-            pruned[target.name] = search_target(cfg, target, teacher, data, scores_dir, out, gang, seconds, skipped)
+            pruned[target.name] = search_target(cfg, target, teacher, data, scores_dir, out, ledger)
         elif target.shape is not None and "prune" in plan.stages:
-            pruned[target.name] = prune_target(cfg, target, teacher, data, scores_dir, out, gang, seconds, skipped)
+            pruned[target.name] = prune_target(cfg, target, teacher, data, scores_dir, out, ledger)
         if target.name in pruned and "distill" in plan.stages:
-            distilled[target.name] = distill_target(cfg, target, teacher, pruned[target.name], data, out, gang,
-                                                    seconds, skipped)
+            distilled[target.name] = distill_target(cfg, target, teacher, pruned[target.name], data, out, ledger)
     models = [teacher, *pruned.values(), *distilled.values()]
     rows = []
     if "eval" in plan.stages:
-        rows = evaluate_models(cfg, models, data, out, gang, seconds, skipped)
+        rows = evaluate_models(cfg, models, data, out, ledger)
     summary = {"teacher": teacher.path, "targets": [dataclasses.asdict(t) for t in plan.targets],
                "stages": plan.stages, "models": rows,
-               "stages_skipped": skipped, "stage_seconds": seconds,
+               "stages_skipped": ledger.skipped, "stage_seconds": ledger.seconds,
                "world_size": gang.world_size}
     if gang.rank == 0:
         if "report" in plan.stages and rows:
@@ -105,39 +108,29 @@ def run_pipeline_job(cfg: PipelineJobConfig, config_yaml: str) -> dict:
     return summary
 
 
-def pretrain_teacher(cfg, out: Path, gang, seconds, skipped) -> Model:
+def pretrain_teacher(cfg, out: Path, ledger: Ledger) -> Model:
     """The teacher: model.path as given, or the embedded one pretrained here on data.*."""
     if cfg.model.path:
         return Model("teacher", "teacher", cfg.model.path, spec_key(checkpoint_identity(cfg.model.path)))
     key = spec_key("pretrain", cfg.model, cfg.data, cfg.pretrain, cfg.seed)
-    run = out / "teacher" / f"embedded-{key}"
-    if _done(run / "summary.json"):
-        skipped.append("teacher")
-    else:
-        with _stage("teacher", "embedded", gang, seconds):
-            from minitron.train.job import run_training_job
-
-            job = TrainJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto", model=cfg.model, data=cfg.data,
-                                 train=cfg.pretrain, deepspeed=cfg.deepspeed, logger=NO_LOGGER)
-            run_training_job(job, _yaml(job))
-    return Model("teacher", "teacher", str((run / "model").resolve()), key, str(run))
+    return _train_teacher(cfg, ledger, "teacher", "embedded", out / "teacher" / f"embedded-{key}", key, cfg.model,
+                          cfg.data, cfg.pretrain)
 
 
-def correct_teacher(cfg, teacher: Model, data, out: Path, gang, seconds, skipped) -> Model:
+def correct_teacher(cfg, teacher: Model, data, out: Path, ledger: Ledger) -> Model:
     """Teacher correction (arXiv 2408.11796 section 3.1): continued LM training of the teacher on
     the distillation data, so its distribution matches what the student will see."""
     key = spec_key("correct", teacher.key, data, cfg.correct, cfg.seed)
-    run = out / "correct" / f"teacher-{key}"
-    if _done(run / "summary.json"):
-        skipped.append("correct")
-    else:
-        with _stage("correct", "teacher", gang, seconds):
-            from minitron.train.job import run_training_job
+    return _train_teacher(cfg, ledger, "correct", "teacher", out / "correct" / f"teacher-{key}", key,
+                          ModelConfig(name="teacher", path=teacher.path), data, cfg.correct)
 
-            job = TrainJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto",
-                                 model=ModelConfig(name="teacher", path=teacher.path), data=data, train=cfg.correct,
-                                 deepspeed=cfg.deepspeed, logger=NO_LOGGER)
-            run_training_job(job, _yaml(job))
+
+def _train_teacher(cfg, ledger: Ledger, stage: str, label: str, run: Path, key: str, model, data, train) -> Model:
+    from minitron.train.job import run_training_job
+
+    job = TrainJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto", model=model, data=data, train=train,
+                         deepspeed=cfg.deepspeed, logger=NO_LOGGER)
+    ledger.run(stage, label, run / "summary.json", stage, lambda: run_training_job(job, _yaml(job)))
     return Model("teacher", "teacher", str((run / "model").resolve()), key, str(run))
 
 
@@ -149,7 +142,7 @@ def _prune_job(cfg, teacher: Model, data, scores_dir: Path, output_dir: str, sha
                           data=data, prune=prune, deepspeed=cfg.deepspeed, logger=NO_LOGGER)
 
 
-def score_importance(cfg, plan: PipelinePlan, teacher: Model, data, scores_dir: Path, gang, seconds, skipped):
+def score_importance(cfg, plan: PipelinePlan, teacher: Model, data, scores_dir: Path, ledger: Ledger) -> None:
     """The calibration pass, once for every target: the prune and search stages read the same
     score cache (minitron/prune/scores.py), with the depth losses each shape target needs."""
     from minitron.models.adapters import adapter_for
@@ -161,10 +154,9 @@ def score_importance(cfg, plan: PipelinePlan, teacher: Model, data, scores_dir: 
     key = spec_key("importance", teacher.key, data, cfg.prune.calibration, cfg.prune.importance, cfg.prune.depth,
                    cfg.prune.precision, cfg.seed)
     marker = scores_dir / f"stage-{key}.json"
-    if marker.is_file():
-        skipped.append("importance")
-        return
-    with _stage("importance", "teacher", gang, seconds):
+    gang = ledger.gang
+
+    def work():
         job = _prune_job(cfg, teacher, data, scores_dir, str(scores_dir / "unused"))
         teacher_cfg = resolve_hf_config(job.model, vocab_size=0)
         shape = teacher_shape(teacher_cfg)
@@ -178,77 +170,67 @@ def score_importance(cfg, plan: PipelinePlan, teacher: Model, data, scores_dir: 
                                        "calibration_seconds": imp.calibration_seconds})
         gang.barrier()
 
+    ledger.run("importance", "teacher", marker, "importance", work)
 
-def prune_target(cfg, target: Target, teacher: Model, data, scores_dir, out: Path, gang, seconds, skipped) -> Model:
+
+def prune_target(cfg, target: Target, teacher: Model, data, scores_dir, out: Path, ledger: Ledger) -> Model:
     from minitron.prune.job import run_prune_job
 
     key = spec_key("prune", teacher.key, data, cfg.prune, target.shape.as_dict(), cfg.seed)
     run = out / "prune" / f"{target.name}-{key}"
-    if _done(run / "summary.json"):
-        skipped.append(f"prune/{target.name}")
-    else:
-        with _stage("prune", target.name, gang, seconds):
-            job = _prune_job(cfg, teacher, data, scores_dir, str(run), target.shape)
-            run_prune_job(job, _yaml(job))
+    job = _prune_job(cfg, teacher, data, scores_dir, str(run), target.shape)
+    ledger.run("prune", target.name, run / "summary.json", f"prune/{target.name}",
+               lambda: run_prune_job(job, _yaml(job)))
     return Model(target.name, "pruned", str(run.resolve()), key, str(run))
 
 
-def search_target(cfg, target: Target, teacher: Model, data, scores_dir, out: Path, gang, seconds, skipped) -> Model:
+def search_target(cfg, target: Target, teacher: Model, data, scores_dir, out: Path, ledger: Ledger) -> Model:
     """A budget target: minitron-search's job picks the shape; its winner is the pruned student."""
     from minitron.search.job import run_search_job
 
     key = spec_key("search", teacher.key, data, cfg.prune, cfg.search, cfg.search_steps, cfg.distill, cfg.train,
                    target.params, cfg.seed)
     run = out / "search" / f"{target.name}-{key}"
-    if _done(run / "summary.json"):
-        skipped.append(f"search/{target.name}")
-    else:
-        with _stage("search", target.name, gang, seconds):
-            job = search_config(cfg, target, teacher.path, data, str(scores_dir), str(run))
-            run_search_job(job, _yaml(job))
+    job = search_config(cfg, target, teacher.path, data, str(scores_dir), str(run))
+    ledger.run("search", target.name, run / "summary.json", f"search/{target.name}",
+               lambda: run_search_job(job, _yaml(job)))
     return Model(target.name, "pruned", str((run / "winner").resolve()), key, str(run))
 
 
-def distill_target(cfg, target: Target, teacher: Model, student: Model, data, out: Path, gang, seconds,
-                   skipped) -> Model:
+def distill_target(cfg, target: Target, teacher: Model, student: Model, data, out: Path, ledger: Ledger) -> Model:
     from minitron.distill.job import run_distill_job
 
     key = spec_key("distill", teacher.key, student.key, data, cfg.distill, cfg.train, cfg.seed)
     run = out / "distill" / f"{target.name}-{key}"
-    if _done(run / "summary.json"):
-        skipped.append(f"distill/{target.name}")
-    else:
-        with _stage("distill", target.name, gang, seconds):
-            job = DistillJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto",
-                                   teacher=ModelConfig(name="teacher", path=teacher.path),
-                                   student=ModelConfig(name="student", path=student.path), data=data, train=cfg.train,
-                                   deepspeed=cfg.deepspeed, logger=NO_LOGGER, distill=cfg.distill)
-            run_distill_job(job, _yaml(job))
+    job = DistillJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto",
+                           teacher=ModelConfig(name="teacher", path=teacher.path),
+                           student=ModelConfig(name="student", path=student.path), data=data, train=cfg.train,
+                           deepspeed=cfg.deepspeed, logger=NO_LOGGER, distill=cfg.distill)
+    ledger.run("distill", target.name, run / "summary.json", f"distill/{target.name}",
+               lambda: run_distill_job(job, _yaml(job)))
     return Model(target.name, "distilled", str((run / "model").resolve()), key, str(run))
 
 
-def evaluate_models(cfg, models, data, out: Path, gang, seconds, skipped) -> list:
+def evaluate_models(cfg, models, data, out: Path, ledger: Ledger) -> list:
     """Every model on the same validation blocks (and lm-eval tasks): one row each for the report."""
-    packed = None
-    rows = []
+    gang, packed, rows = ledger.gang, None, []
     for m in models:
         key = spec_key("eval", m.key, data, cfg.eval, cfg.seed)
-        run = out / "eval" / f"{m.label}-{m.kind}-{key}"
-        result = gang.broadcast_object(_done(run / "summary.json") if gang.rank == 0 else None)
-        if result is not None:
-            skipped.append(f"eval/{m.label}-{m.kind}")
-        else:
-            with _stage("eval", f"{m.label} ({m.kind})", gang, seconds):
-                packed = packed or build_or_load(data, gang, cfg.seed)
-                model_cfg = ModelConfig(name=m.label, path=m.path)
-                model = build_model(model_cfg, resolve_hf_config(model_cfg, vocab_size=0), seed=cfg.seed)
-                model = model.to(gang.device).eval()
-                result = {**evaluate_model(model, packed.tokenizer(), packed.val, cfg.eval, gang, gang.device, cfg.seed),
-                          "model": m.path}
-                del model
-                if gang.rank == 0:
-                    run.mkdir(parents=True, exist_ok=True)
-                    write_json_atomic(run / "summary.json", result)
-                gang.barrier()
-        rows.append({"name": m.label, "kind": m.kind, "path": m.path, "run_dir": m.run_dir, **result})
+        summary = out / "eval" / f"{m.label}-{m.kind}-{key}" / "summary.json"
+
+        def work():
+            nonlocal packed
+            packed = packed or build_or_load(data, gang, cfg.seed)
+            model_cfg = ModelConfig(name=m.label, path=m.path)
+            model = build_model(model_cfg, resolve_hf_config(model_cfg, vocab_size=0), seed=cfg.seed)
+            result = evaluate_model(model.to(gang.device).eval(), packed.tokenizer(), packed.val, cfg.eval, gang,
+                                    gang.device, cfg.seed)
+            if gang.rank == 0:
+                summary.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(summary, {**result, "model": m.path})
+            gang.barrier()
+
+        ledger.run("eval", f"{m.label} ({m.kind})", summary, f"eval/{m.label}-{m.kind}", work)
+        rows.append({"name": m.label, "kind": m.kind, "path": m.path, "run_dir": m.run_dir,
+                     **json.loads(summary.read_text())})
     return rows

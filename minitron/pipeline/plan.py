@@ -21,7 +21,8 @@ from minitron.data.corpus import check_source
 from minitron.dist.gang import world_size_from_env
 from minitron.eval.job import check_eval_options
 from minitron.models.adapters import adapter_for
-from minitron.models.build import count_params, has_tokenizer, local_checkpoint, max_positions, resolve_hf_config
+from minitron.models.build import (count_params, has_tokenizer, local_checkpoint, max_positions, resolve_hf_config,
+                                   weight_files)
 from minitron.prune.job import check_prune_options
 from minitron.prune.shape import Shape, check_exportable, resolve_target, teacher_shape
 from minitron.search.space import shape_name
@@ -55,7 +56,7 @@ def checkpoint_identity(path: str) -> dict:
     """A teacher given by path is named by its files' sizes and times: cheap for a 70B checkpoint,
     and a retrained teacher in the same directory gets new keys."""
     root = Path(path).resolve()
-    files = sorted([root / "config.json", *root.glob("*.safetensors"), *root.glob("*.bin")])
+    files = [root / "config.json", *weight_files(root)]
     return {"path": str(root), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
@@ -161,7 +162,7 @@ def plan_pipeline(cfg: PipelineJobConfig) -> PipelinePlan:
     if cfg.model.path:
         teacher_config = resolve_hf_config(cfg.model, vocab_size=0)
         cfg.model.path = local_checkpoint(cfg.model.path)
-        if not any(Path(cfg.model.path).glob("*.safetensors")) and not any(Path(cfg.model.path).glob("*.bin")):
+        if not weight_files(cfg.model.path):
             raise ConfigError(f"model.path: {cfg.model.path} has a config.json but no weights")
         if not cfg.data.tokenizer and not has_tokenizer(cfg.model.path):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")

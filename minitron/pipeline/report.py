@@ -63,6 +63,15 @@ def shape_of(model_dir: str) -> str:
             f"-K{c.get('num_key_value_heads') or c['num_attention_heads']}")
 
 
+def _axes():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4.5))
+
+
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -76,12 +85,7 @@ def _save(fig, path: Path) -> None:
 def plot_loss_vs_tokens(path: Path, rows: List[dict]) -> None:
     """One line per distilled student (starting from its pruned-only loss at 0 tokens), the teacher
     as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster node
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes()
     pruned = {r["name"]: r["val_loss"] for r in rows if r["kind"] == "pruned"}
     for r in rows:
         if r["kind"] != "distilled":
@@ -103,12 +107,7 @@ def plot_loss_vs_tokens(path: Path, rows: List[dict]) -> None:
 
 
 def plot_params_vs_ppl(path: Path, rows: List[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes()
     for kind, (color, marker) in KIND_STYLE.items():
         chosen = [r for r in rows if r["kind"] == kind]
         if not chosen:

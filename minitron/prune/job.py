@@ -22,7 +22,7 @@ from minitron.eval.perplexity import evaluate
 from minitron.models.adapters import adapter_for
 from minitron.models.weights import SafetensorsWeights, model_weights
 from minitron.models.build import (DTYPES, build_model, count_params, has_tokenizer, local_checkpoint,
-                                   max_positions, resolve_hf_config)
+                                   max_positions, resolve_hf_config, weight_files)
 from minitron.prune import importance, scores
 from minitron.prune.shape import check_exportable, resolve_target, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
@@ -85,7 +85,7 @@ def check_teacher_checkpoint(cfg, teacher_cfg) -> None:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the teacher's maximum positions "
                           f"({max_positions(teacher_cfg)})")
     cfg.model.path = local_checkpoint(cfg.model.path)
-    if not list(Path(cfg.model.path).glob("*.safetensors")) + list(Path(cfg.model.path).glob("*.bin")):
+    if not weight_files(cfg.model.path):
         raise ConfigError(f"model.path: {cfg.model.path} has a config.json but no weights (*.safetensors, *.bin)")
     if not cfg.data.tokenizer:
         if not has_tokenizer(cfg.model.path):
