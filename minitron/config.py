@@ -39,6 +39,9 @@ class ModelConfig:
     """`auto` picks flash_attention_2 when flash-attn imports and a GPU is present, else sdpa."""
     init: str = "pretrained"
     """pretrained: load the weights at `path`; random: keep its architecture, initialise from `seed`."""
+    trust_remote_code: bool = False
+    """Let a checkpoint whose config.json names code of its own (`auto_map`) run that code when it
+    loads. Off, such a checkpoint is refused before anything of it is imported."""
 
 
 @dataclass

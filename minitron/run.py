@@ -5,9 +5,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang
+from minitron.train.checkpoint import tag_for
+from minitron.train.stopping import Interrupted
 
 
 def start_run(cfg, config_yaml: str):
@@ -19,6 +22,39 @@ def start_run(cfg, config_yaml: str):
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
     return gang, out, build_or_load(cfg.data, gang, cfg.seed)
+
+
+def begin_training(out: Path, gang) -> None:
+    """Once a run has resumed and is about to train: the summary.json of the run it continues (a
+    finished segment, an interrupted run) goes, so until this run writes its own the directory
+    does not look finished."""
+    if gang.rank == 0:
+        (out / "summary.json").unlink(missing_ok=True)
+
+
+def finished_summary(path: Path) -> Optional[dict]:
+    """The summary (summary.json, or a stage's marker) of a run that finished; None if there is
+    none, it is unreadable or it records an interrupted run."""
+    try:
+        summary = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return None if not isinstance(summary, dict) or summary.get("interrupted") else summary
+
+
+def stop_interrupted(result, out: Path, checkpoints: Path, max_steps: int, tracker, gang) -> None:
+    """After a training loop that stopped on a signal: a summary.json that says so, then
+    Interrupted (the CLI exits with EXIT_INTERRUPTED)."""
+    checkpoint_dir = checkpoints / tag_for(result.steps)
+    tracker.finish()
+    if gang.rank == 0:
+        write_json_atomic(out / "summary.json", {
+            "interrupted": True, "signal": result.interrupted, "step": result.steps, "max_steps": max_steps,
+            "train_loss": result.train_loss, "tokens_seen": result.tokens_seen,
+            "checkpoint": str(checkpoint_dir.resolve())})
+    gang.barrier()
+    raise Interrupted(f"interrupted by {result.interrupted} at step {result.steps} of {max_steps}; saved "
+                      f"{checkpoint_dir}; run the same command again (resume=auto) to continue")
 
 
 def export_model(engine, tokenizer, model_dir: Path, gang, model=None, extra_files=None) -> Path:

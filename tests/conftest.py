@@ -104,9 +104,14 @@ def run_cli(args, launcher=(), timeout=600, check=True, env=None) -> subprocess.
     return proc
 
 
+def logged_steps(output_dir: Path) -> list:
+    """The steps of metrics.jsonl's training rows, in file order (a resumed run must not repeat one)."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["step"] for row in rows if "train/loss" in row]
+
+
 def read_metrics(output_dir: Path) -> dict:
-    """step -> the metrics logged for it, later lines winning (a resumed run re-logs the steps it
-    repeats after its checkpoint)."""
+    """step -> the metrics logged for it (a step's training row and its final-metrics row merged)."""
     rows = {}
     for line in (output_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)

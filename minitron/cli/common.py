@@ -1,12 +1,15 @@
-"""What every Hydra entry point shares: launcher-argument handling, early checks of group choices,
-and turning a user's mistake into one line on stderr with a non-zero exit."""
+"""What every Hydra entry point shares: launcher-argument handling, early checks of group choices
+and of the output_dir, and turning a user's mistake, a preemption or a diverged run into one line
+on stderr with its own exit status."""
 import functools
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
+from minitron.cli import rerun
 from minitron.config import ConfigError, check_output_dir
+from minitron.train.stopping import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted, TrainingDiverged
 
 EXIT_CONFIG_ERROR = 2
 
@@ -63,23 +66,48 @@ def check_output_dir_arg(argv: list) -> None:
             check_output_dir(value)
 
 
-def exit_on_config_error(fn: Callable) -> Callable:
+def exit_on_known_errors(fn: Callable, on_config_error: Callable[[], None] = lambda: None) -> Callable:
+    """`fn`, with bad input (after `on_config_error()`), a preemption and a diverged loss each
+    ending the process with one line and its own exit status instead of a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_CONFIG_ERROR)
+            on_config_error()
+            _exit(f"error: {e}", EXIT_CONFIG_ERROR)
+        except TrainingDiverged as e:
+            _exit(f"error: {e}", EXIT_DIVERGED)
+        except Interrupted as e:
+            _exit(str(e), EXIT_INTERRUPTED)
     return wrapper
 
 
-def run_hydra(config_name: str, job: Callable) -> None:
-    """Run `job(cfg)` under Hydra with `config_name` from conf/."""
+def _exit(line: str, status: int) -> None:
+    if os.environ.get("RANK", "0") == "0":  # every rank raises the same error: say it once
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def run_hydra(config_name: str, job: Callable, saved_config: Optional[str] = None) -> None:
+    """Run `job(cfg)` under Hydra with `config_name` from conf/. `saved_config`: the file in which
+    the job keeps its resolved config beside its summary.json, for commands that recognise their
+    own finished output (minitron/cli/rerun.py)."""
     import hydra
 
-    sys.argv[1:] = prepare_argv(sys.argv[1:])
-    exit_on_config_error(check_group_choices)(sys.argv[1:], conf_dir())
-    exit_on_config_error(check_output_dir_arg)(sys.argv[1:])
+    sys.argv[1:] = args = prepare_argv(sys.argv[1:])
+    exit_on_known_errors(check_group_choices)(args, conf_dir())
+    exit_on_known_errors(check_output_dir_arg)(args)
+    cfg = rerun.compose(config_name, args, conf_dir())  # None for sweeps: each job has its own directory
+    cleanup = lambda: None  # noqa: E731
+    if cfg is not None:
+        if saved_config:
+            done = exit_on_known_errors(rerun.finished_already)(cfg, saved_config)
+            if done:
+                print(done, flush=True)
+                sys.exit(0)
+        before = rerun.snapshot(cfg["output_dir"])
+        if os.environ.get("RANK", "0") == "0":
+            cleanup = lambda: rerun.remove_added(cfg["output_dir"], before)  # noqa: E731
     hydra.main(config_path=conf_dir(), config_name=config_name, version_base="1.3")(
-        exit_on_config_error(job))()
+        exit_on_known_errors(job, on_config_error=cleanup))()

@@ -20,7 +20,7 @@ def main() -> None:
     from minitron.cli.common import run_hydra
 
     register_schemas()
-    run_hydra("distill", _distill)
+    run_hydra("distill", _distill, saved_config="config.yaml")
 
 
 if __name__ == "__main__":

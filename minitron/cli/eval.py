@@ -22,7 +22,7 @@ def main() -> None:
     from minitron.cli.common import run_hydra
 
     register_schemas()
-    run_hydra("eval", _eval)
+    run_hydra("eval", _eval, saved_config="eval_config.yaml")
 
 
 if __name__ == "__main__":

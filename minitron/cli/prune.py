@@ -23,7 +23,7 @@ def main() -> None:
     from minitron.cli.common import run_hydra
 
     register_schemas()
-    run_hydra("prune", _prune)
+    run_hydra("prune", _prune, saved_config="prune_config.yaml")
 
 
 if __name__ == "__main__":

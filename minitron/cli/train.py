@@ -19,7 +19,7 @@ def main() -> None:
     from minitron.cli.common import run_hydra
 
     register_schemas()
-    run_hydra("train", _train)
+    run_hydra("train", _train, saved_config="config.yaml")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, List, Optional
 
 from minitron.config import ConfigError, DataConfig
 from minitron.data import indexed
+from minitron.data.tokenizer import MIN_TRAINED_VOCAB, check_tokenizer_files
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 TXT_DOCUMENTS = {"paragraph": "paragraph", "line": "line", "file": "document"}  # ours -> datasets' sample_by
@@ -89,6 +90,12 @@ def check_source(cfg: DataConfig) -> None:
         raise ConfigError(f"data.num_proc: must be at least 1, got {cfg.num_proc}")
     if cfg.tokenizer_sample_bytes < 1:
         raise ConfigError(f"data.tokenizer_sample_bytes: must be positive, got {cfg.tokenizer_sample_bytes}")
+    if cfg.max_bytes is not None and cfg.max_bytes < 1:
+        raise ConfigError(f"data.max_bytes: must be positive or null (everything), got {cfg.max_bytes}")
+    if not cfg.tokenizer and cfg.vocab_size < MIN_TRAINED_VOCAB:
+        raise ConfigError(f"data.vocab_size: must be at least {MIN_TRAINED_VOCAB} (256 bytes + merges), "
+                          f"got {cfg.vocab_size}")
+    check_tokenizer_files(cfg.tokenizer)
     sources = training_sources(cfg)
     val = validation_source(cfg)
     for source in sources + ([val] if val else []):

@@ -9,12 +9,16 @@ Cache layout under data.cache_dir (or $MINITRON_CACHE, ~/.cache/minitron):
 Every key hashes everything its content depends on (source file contents, tokenizer, block
 length, split), so a changed input never reuses stale blocks, and no key needs the corpus in
 memory. Entries are built in a temporary directory and renamed: an interrupted build never looks
-complete.
+complete. Each entry's meta.json records its files' sizes and CRC-32s; an entry that no longer
+matches them (a truncated copy, a flipped bit) is logged, removed and rebuilt when it is opened.
 """
 import hashlib
 import json
+import logging
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Tuple
@@ -24,12 +28,14 @@ import torch
 
 from minitron.config import ConfigError, DataConfig
 from minitron.data import blend, indexed
-from minitron.data.build import build_entry, check_blocks, write_atomically
+from minitron.data.build import build_entry, check_blocks, damage, write_atomically
 from minitron.data.corpus import (Source, document_batches, fingerprint, is_validation, source_files,
                                   training_sources, validation_source)
 from minitron.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
-CACHE_VERSION = 2
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 3  # 3: meta.json records file sizes and checksums (every entry has a meta.json)
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
                    "*.model", "*.tiktoken")
 
@@ -69,7 +75,7 @@ def build_or_load(cfg: DataConfig, gang, seed: int = 0) -> PackedData:
     if status == "error":
         raise ConfigError(layout)
     failed = 0
-    if gang.rank != 0 and gang.local_rank == 0 and not (Path(layout["cache_dir"]) / "meta.json").exists():
+    if gang.rank != 0 and gang.local_rank == 0 and not _sizes_match(layout):
         try:
             layout = prepare(cfg, seed)
         except ConfigError:
@@ -80,7 +86,7 @@ def build_or_load(cfg: DataConfig, gang, seed: int = 0) -> PackedData:
 
 
 def prepare(cfg: DataConfig, seed: int) -> dict:
-    """Build whatever cache entries are missing; return where the job's data is."""
+    """Build whatever cache entries are missing or damaged; return where the job's data is."""
     root = default_cache_root(cfg)
     memo = root / "file-digests"
     sources, val_source = training_sources(cfg), validation_source(cfg)
@@ -99,6 +105,45 @@ def prepare(cfg: DataConfig, seed: int) -> dict:
     if len(sources) > 1:
         layout["cache_dir"] = str(_blend_entry(root, layout, seed, own_val=val_source is None))
     return layout
+
+
+def _sizes_match(layout: dict) -> bool:
+    """Whether this node sees every entry of `layout` whole, by file sizes only. Rank 0 has just
+    checksummed them: on a shared filesystem these are the same files, and every node re-reading a
+    multi-GB cache would cost more than it guards. A node-local copy that is missing or of another
+    size goes through `prepare`, which checksums it and rebuilds it."""
+    entries = [layout["tokenizer_dir"], *layout["train"], *layout["val"], layout["cache_dir"]]
+    return all(damage(Path(e), checksums=False) is None for e in entries)
+
+
+def _reusable(entry: Path) -> bool:
+    """Whether `entry` exists and matches its recorded sizes and checksums. A damaged entry is
+    removed (with a warning) so the caller rebuilds it from its source."""
+    if not entry.exists():
+        return False
+    problem = damage(entry)
+    if problem is None:
+        return True
+    _discard(entry, problem)
+    log.warning("data cache entry %s: %s; rebuilding", entry, problem)
+    return False
+
+
+def _discard(entry: Path, problem: str) -> None:
+    # Moved aside first (a rename is atomic), so a concurrent job never opens a half-deleted entry.
+    aside = None
+    try:
+        aside = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-damaged-"))
+        entry.rename(aside / entry.name)
+    except FileNotFoundError:
+        pass  # another job discarded it first
+    except OSError as e:
+        raise ConfigError(f"data.cache_dir: the cache entry {entry} is damaged ({problem}) and cannot be "
+                          f"removed ({e.strerror}); delete it, or set data.cache_dir to a writable "
+                          "directory") from None
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def open_layout(layout: dict) -> PackedData:
@@ -152,7 +197,7 @@ def _tokenizer_entry(cfg: DataConfig, root: Path, sources: List[Source], prints:
             _tokenizer_sample(sources, cfg.tokenizer_sample_bytes, fraction), cfg.vocab_size)
         tok.save_pretrained(tmp)
 
-    if not entry.exists():
+    if not _reusable(entry):
         write_atomically(entry, write)
     return entry
 
@@ -186,11 +231,11 @@ def _source_entry(cfg: DataConfig, root: Path, source: Source, print_: str, tok,
     spec = {"source": print_, "tokenizer": tok_key, "seq_len": cfg.seq_len, "val_fraction": fraction}
     if source.kind == "indexed":
         entry = root / f"indexed-{_key(spec)}"
-        if not (entry / "meta.json").exists():
+        if not _reusable(entry):
             write_atomically(entry, lambda tmp: _index_meta(tmp, source, tok, cfg.seq_len, fraction, need))
         return entry
     entry = root / _key(spec)
-    if not (entry / "meta.json").exists():
+    if not _reusable(entry):
         total = sum(f.stat().st_size for f in source_files(source)) if source.kind == "files" else None
         build_entry(entry, document_batches(source), tok, cfg.seq_len, fraction, _num_proc(cfg), source.key,
                     need, label=Path(source.describe()).name, total_chars=total,
@@ -234,7 +279,7 @@ def _blend_entry(root: Path, layout: dict, seed: int, own_val: bool) -> Path:
         (tmp / "meta.json").write_text(json.dumps({"train_blocks": int(sum(sizes["train"])),
                                                    "weights": layout["weights"], "parts": layout["train"]}, indent=2))
 
-    if not (entry / "meta.json").exists():
+    if not _reusable(entry):
         write_atomically(entry, write)
     return entry
 

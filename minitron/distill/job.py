@@ -14,6 +14,7 @@ import torch
 from minitron.config import ConfigError, DistillJobConfig, check_train_config
 from minitron.data.corpus import check_source
 from minitron.data.sampler import BlockSampler
+from minitron.data.tokenizer import check_tokenizer_files, load_tokenizer
 from minitron.dist.engine import (deepspeed_config, full_parameters, initialize, local_numel,
                                   place_frozen)
 from minitron.dist.gang import world_size_from_env
@@ -23,9 +24,9 @@ from minitron.distill.hidden import make_projection, resolve_index
 from minitron.distill.losses import DIVERGENCES
 from minitron.distill.teacher import Teacher, freeze
 from minitron.eval.perplexity import PLAIN_LM_HEAD, evaluate
-from minitron.models.build import (DTYPES, build_model, count_params, has_tokenizer, local_checkpoint,
-                                   max_positions, resolve_hf_config, weight_files)
-from minitron.run import export_model, start_run, write_json_atomic
+from minitron.models.build import (DTYPES, build_model, check_checkpoint_files, count_params, has_tokenizer,
+                                   local_checkpoint, max_positions, resolve_hf_config, weight_files)
+from minitron.run import begin_training, export_model, start_run, stop_interrupted, write_json_atomic
 from minitron.train import checkpoint, flops
 from minitron.train.loop import train_loop
 from minitron.train.schedule import build_optimizer
@@ -63,6 +64,9 @@ def check_distill_inputs(cfg: DistillJobConfig, world_size: int):
                           "(*.safetensors, *.bin); set student.init=random to train it from scratch")
     if teacher_cfg is not None and not weight_files(cfg.teacher.path):
         raise ConfigError(f"teacher.path: {cfg.teacher.path} has a config.json but no weights (*.safetensors, *.bin)")
+    if teacher_cfg is not None:
+        check_checkpoint_files(cfg.teacher, "teacher")
+    check_checkpoint_files(cfg.student, "student")
     for key, hf in (("teacher", teacher_cfg), ("student", student_cfg)):
         if hf is not None and cfg.data.seq_len > max_positions(hf):
             raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the {key}'s maximum positions "
@@ -141,11 +145,16 @@ def _check_tokenizers(cfg) -> None:
         if not has_tokenizer(owner):
             raise ConfigError(f"data.tokenizer: {key}.path {owner} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = owner
+    check_tokenizer_files(cfg.data.tokenizer)
     if needs_teacher(cfg) and has_tokenizer(cfg.student.path):
+        check_tokenizer_files(cfg.student.path, "student.path")
         from transformers import AutoTokenizer
 
-        teacher_vocab = AutoTokenizer.from_pretrained(cfg.data.tokenizer).get_vocab()
-        student_vocab = AutoTokenizer.from_pretrained(cfg.student.path).get_vocab()
+        teacher_vocab = load_tokenizer(cfg.data.tokenizer).get_vocab()  # a ConfigError naming data.tokenizer
+        try:
+            student_vocab = AutoTokenizer.from_pretrained(cfg.student.path, trust_remote_code=False).get_vocab()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"student.path: cannot load its tokenizer: {str(e).splitlines()[0]}") from None
         if teacher_vocab != student_vocab:
             differ = len(set(teacher_vocab.items()) ^ set(student_vocab.items()))
             raise ConfigError(f"student.path: its tokenizer differs from the teacher's ({len(student_vocab)} vs "
@@ -185,17 +194,20 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
         teacher_info["teacher_val_ppl"] = math.exp(min(teacher_info["teacher_val_loss"], 50.0))
 
     ckpt_root = out / "checkpoints"
-    start_step = checkpoint.resume(engine, ckpt_root, cfg.resume, gang.rank)
+    start_step = checkpoint.resume(engine, ckpt_root, cfg.resume, gang)
+    begin_training(out, gang)
 
     student_params = count_params(student_cfg)
     tracker = make_tracker(cfg.logger, out, {"student_params": student_params, "preset": cfg.distill.name,
-                                             **teacher_info}, gang.rank)
+                                             **teacher_info}, gang.rank, resumed_at=start_step)
     sampler = BlockSampler(data.train, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                            gang.rank, world, cfg.seed)
     result = train_loop(
         engine, distillation_loss(teacher), sampler, data.val, cfg.train, gang, tracker, start_step,
-        save_checkpoint=lambda step: checkpoint.save(engine, ckpt_root, step, gang.rank, cfg.train.keep_checkpoints),
+        save_checkpoint=lambda step: checkpoint.save(engine, ckpt_root, step, gang, cfg.train.keep_checkpoints),
         device=device, eval_model=distiller.student)
+    if result.interrupted:
+        stop_interrupted(result, out, ckpt_root, cfg.train.max_steps, tracker, gang)
 
     per_token = flops.flops_per_token(cfg.data.seq_len, student_params, student_cfg,
                                       teacher_info.get("teacher_params", 0), teacher_cfg)

@@ -13,11 +13,12 @@ from pathlib import Path
 from minitron.config import ConfigError, EvalConfig, EvalJobConfig
 from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
+from minitron.data.tokenizer import check_tokenizer_files
 from minitron.dist.gang import init_gang
 from minitron.eval import harness
 from minitron.eval.perplexity import evaluate
-from minitron.models.build import (build_model, has_tokenizer, local_checkpoint, max_positions, resolve_hf_config,
-                                   weight_files)
+from minitron.models.build import (build_model, check_checkpoint_files, has_tokenizer, local_checkpoint, max_positions,
+                                   resolve_hf_config, weight_files)
 from minitron.run import write_json_atomic
 from minitron.train.tracking import make_tracker
 
@@ -42,6 +43,7 @@ def check_eval_inputs(cfg: EvalJobConfig):
     cfg.model.path = local_checkpoint(cfg.model.path)
     if not weight_files(cfg.model.path):
         raise ConfigError(f"model.path: {cfg.model.path} has a config.json but no weights (*.safetensors, *.bin)")
+    check_checkpoint_files(cfg.model)
     if cfg.data.seq_len > max_positions(hf_config):
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's maximum positions "
                           f"({max_positions(hf_config)})")
@@ -49,6 +51,7 @@ def check_eval_inputs(cfg: EvalJobConfig):
         if not has_tokenizer(cfg.model.path):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = cfg.model.path
+    check_tokenizer_files(cfg.data.tokenizer)
     check_source(cfg.data)
     out = Path(cfg.output_dir)
     if out.is_file():

@@ -1,17 +1,22 @@
 """Build a transformers causal LM from a preset shape or load a local checkpoint; count
 parameters exactly from a config alone (meta device, no weights materialised)."""
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
 import torch
 
 from minitron.config import ConfigError, ModelConfig
+from minitron.data.tokenizer import read_json_file
 
 log = logging.getLogger(__name__)
 
 # Training/pruning precision names -> the dtype weights are built in.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# safetensors' own limit on a header; a larger length means the file is something else.
+SAFETENSORS_MAX_HEADER = 100_000_000
 
 PRESET_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "max_position_embeddings", "rope_theta", "tie_word_embeddings")
@@ -24,12 +29,10 @@ def resolve_hf_config(cfg: ModelConfig, vocab_size: int, key: str = "model"):
 
     if cfg.path:
         path = Path(cfg.path).expanduser()
-        if path.exists() and not (path / "config.json").is_file():
-            raise ConfigError(f"{key}.path: {path} is not a Hugging Face checkpoint (no config.json)")
-        if not path.exists() and cfg.path.startswith((".", "/", "~")):
-            raise ConfigError(f"{key}.path: no such directory: {path}")
+        check_remote_code(read_json_object(config_json(cfg.path, key), f"{key}.path"), cfg, key)
         try:
-            return AutoConfig.from_pretrained(str(path) if path.exists() else cfg.path)
+            return AutoConfig.from_pretrained(str(path) if path.exists() else cfg.path,
+                                              trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{key}.path: cannot read a config from {cfg.path!r}: {str(e).splitlines()[0]}") from None
     if cfg.num_attention_heads % cfg.num_key_value_heads:
@@ -45,6 +48,114 @@ def resolve_hf_config(cfg: ModelConfig, vocab_size: int, key: str = "model"):
         raise ConfigError(f"model.family: unknown transformers model type {cfg.family!r}") from None
 
 
+def config_json(path: str, key: str = "model") -> Path:
+    """A checkpoint's config.json on disk: a local directory's, or a hub name's fetched alone (so
+    it can be read before transformers sees it)."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{key}.path: {local} is not a Hugging Face checkpoint (no config.json)")
+        return local / "config.json"
+    if path.startswith((".", "/", "~")):
+        raise ConfigError(f"{key}.path: no such directory: {local}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(path, "config.json"))
+    except Exception as e:
+        raise ConfigError(f"{key}.path: cannot read a config from {path!r}: {str(e).splitlines()[0]}") from None
+
+
+def read_json_object(file: Path, key: str) -> dict:
+    obj = read_json_file(file, key)
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{key}: {file} holds a JSON {type(obj).__name__}, not an object; "
+                          "re-export or re-download it")
+    return obj
+
+
+def check_remote_code(config: dict, cfg: ModelConfig, key: str) -> None:
+    """Refuse a checkpoint that ships code of its own (`auto_map`: Auto class -> module.Class in its
+    directory) unless the user trusts it: transformers would import that code while loading."""
+    if "auto_map" in config and not cfg.trust_remote_code:
+        raise ConfigError(f"{key}.trust_remote_code: {cfg.path} asks to run its own code (auto_map in config.json); "
+                          f"set {key}.trust_remote_code=true if you trust it")
+
+
+def check_checkpoint_files(cfg: ModelConfig, key: str = "model") -> None:
+    """Cheap checks of a local checkpoint's files, reading headers only: a truncated download or
+    copy fails here in one line, not in a loader's traceback once the data is built. Its configs
+    parse and, when the weights will be loaded, every shard an index names exists and every
+    safetensors file holds the bytes its header promises. A hub name is fetched later, unchecked."""
+    if not cfg.path or not Path(cfg.path).expanduser().is_dir():
+        return
+    root = Path(cfg.path).expanduser()
+    for name in ("config.json", "generation_config.json"):
+        if (root / name).is_file():
+            read_json_object(root / name, f"{key}.path")
+    if cfg.init != "pretrained":
+        return  # only the architecture is used; no weight file is read
+    for index in sorted(root.glob("*.index.json")):
+        check_shard_index(index, key)
+    for file in sorted(root.glob("*.safetensors")):
+        check_safetensors_file(file, key)
+
+
+def check_shard_index(index: Path, key: str) -> None:
+    weight_map = read_json_object(index, f"{key}.path").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise _bad_file(index, key, "has no weight_map")
+    missing = sorted({str(shard) for shard in weight_map.values() if not (index.parent / str(shard)).is_file()})
+    if missing:
+        raise _bad_file(index, key, f"names {len(missing)} shard(s) that are missing "
+                                    f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+
+
+def check_safetensors_file(file: Path, key: str) -> None:
+    """A safetensors file is an 8-byte little-endian header length, a JSON header giving each
+    tensor's [begin, end) byte offsets in the data that follows, then that data: the header must
+    parse and the file must be long enough for every tensor."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _bad_file(file, key, f"is truncated ({size:,} of at least 8 bytes)")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > SAFETENSORS_MAX_HEADER:
+                raise _bad_file(file, key, f"is not a safetensors file (a header of {header_len:,} bytes)")
+            if 8 + header_len > size:
+                raise _bad_file(file, key, f"is truncated ({size:,} of at least {8 + header_len:,} bytes)")
+            raw = f.read(header_len)
+    except OSError as e:  # a link to a deleted blob (a pruned hub cache), no read permission
+        raise _bad_file(file, key, f"cannot be read ({e.strerror})") from None
+    try:
+        data_end = _tensor_data_end(json.loads(raw))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError among them
+        raise _bad_file(file, key, f"is not a safetensors file ({e})") from None
+    if size < 8 + header_len + data_end:
+        raise _bad_file(file, key, f"is truncated ({size:,} of {8 + header_len + data_end:,} bytes)")
+
+
+def _tensor_data_end(header) -> int:
+    """Where the last tensor's bytes end, counted from the end of the header."""
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"tensor {name!r} has no [begin, end] data_offsets")
+        ends.append(offsets[1])
+    return max(ends, default=0)
+
+
+def _bad_file(file: Path, key: str, what: str) -> ConfigError:
+    return ConfigError(f"{key}.path: {file} {what}; re-export or re-download it")
+
+
 def local_checkpoint(path: str, key: str = "model") -> str:
     """A local directory as is; a hub name is fetched into the Hugging Face cache (weights are
     then read, and hashed, from disk)."""
@@ -53,7 +164,9 @@ def local_checkpoint(path: str, key: str = "model") -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        # *.py: a checkpoint's own code (auto_map); fetching it runs nothing, and check_remote_code
+        # decides whether it may be imported.
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
     except Exception as e:
         raise ConfigError(f"{key}.path: cannot fetch {path!r}: {str(e).splitlines()[0]}") from None
 
@@ -80,8 +193,11 @@ def count_params(hf_config) -> int:
     """Exact parameter count (tied weights counted once) without allocating any weights."""
     from transformers import AutoModelForCausalLM
 
+    # A config naming code of its own (auto_map) was only resolved with trust_remote_code=true;
+    # its model class is that code. Passed explicitly: left unset, transformers asks on a terminal.
+    trusted = bool(getattr(hf_config, "auto_map", None))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trusted)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -102,9 +218,10 @@ def build_model(cfg: ModelConfig, hf_config, seed: int, dtype: torch.dtype = tor
     log.info("attention implementation: %s", attn)
     if cfg.path and cfg.init == "pretrained":
         path = Path(cfg.path).expanduser()
-        model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else cfg.path,
-                                                     dtype=dtype, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else cfg.path, dtype=dtype,
+                                                     attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     else:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn,
+                                                 trust_remote_code=cfg.trust_remote_code)
     return model

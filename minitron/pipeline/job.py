@@ -5,7 +5,7 @@ jobs called as functions: pretrain the embedded teacher (no model.path) -> corre
 -> eval -> report.
 
 Every stage writes under `output_dir/<stage>/<name>-<key>/`, the key hashing the stage's settings
-and the keys of what it reads (pipeline/plan.py). A stage whose summary.json exists is skipped;
+and the keys of what it reads (pipeline/plan.py). A stage whose run finished (a summary.json not marked interrupted) is skipped;
 one that was killed resumes (the training jobs from their last checkpoint, the search from its
 candidates' files), so a rerun of a finished pipeline only reads results.
 """
@@ -26,7 +26,7 @@ from minitron.eval.job import evaluate_model
 from minitron.models.build import build_model, resolve_hf_config
 from minitron.pipeline import report
 from minitron.pipeline.plan import PipelinePlan, Target, checkpoint_identity, plan_pipeline, search_config, spec_key
-from minitron.run import write_json_atomic
+from minitron.run import finished_summary, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Ledger:
 
     def run(self, stage: str, label: str, done: Path, skip_name: str, work: Callable[[], None]) -> None:
         """`work()`, announced and timed, unless `done` (the file a finished stage leaves) exists."""
-        if done.is_file():
+        if finished_summary(done) is not None:  # not an interrupted run's summary
             self.skipped.append(skip_name)
             return
         if self.gang.rank == 0:

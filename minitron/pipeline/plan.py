@@ -18,11 +18,12 @@ from omegaconf import OmegaConf
 from minitron.config import (PIPELINE_STAGES, ConfigError, DistillJobConfig, LoggerConfig, PipelineJobConfig,
                              PruneExportConfig, SearchJobConfig, TargetConfig, check_train_config)
 from minitron.data.corpus import check_source
+from minitron.data.tokenizer import check_tokenizer_files
 from minitron.dist.gang import world_size_from_env
 from minitron.eval.job import check_eval_options
 from minitron.models.adapters import adapter_for
-from minitron.models.build import (count_params, has_tokenizer, local_checkpoint, max_positions, resolve_hf_config,
-                                   weight_files)
+from minitron.models.build import (check_checkpoint_files, count_params, has_tokenizer, local_checkpoint, max_positions,
+                                   resolve_hf_config, weight_files)
 from minitron.prune.job import check_prune_options
 from minitron.prune.shape import Shape, check_exportable, resolve_target, teacher_shape
 from minitron.search.space import shape_name
@@ -164,8 +165,10 @@ def plan_pipeline(cfg: PipelineJobConfig) -> PipelinePlan:
         cfg.model.path = local_checkpoint(cfg.model.path)
         if not weight_files(cfg.model.path):
             raise ConfigError(f"model.path: {cfg.model.path} has a config.json but no weights")
+        check_checkpoint_files(cfg.model)
         if not cfg.data.tokenizer and not has_tokenizer(cfg.model.path):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
+        check_tokenizer_files(cfg.data.tokenizer or cfg.model.path)
     else:
         teacher_config = resolve_hf_config(cfg.model, vocab_size=cfg.data.vocab_size)
     if cfg.data.seq_len > max_positions(teacher_config):

@@ -17,12 +17,13 @@ from pathlib import Path
 from minitron.config import ConfigError, PruneJobConfig, check_output_dir
 from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
+from minitron.data.tokenizer import check_tokenizer_files
 from minitron.dist.gang import init_gang
 from minitron.eval.perplexity import evaluate
 from minitron.models.adapters import adapter_for
 from minitron.models.weights import SafetensorsWeights, model_weights
-from minitron.models.build import (DTYPES, build_model, count_params, has_tokenizer, local_checkpoint,
-                                   max_positions, resolve_hf_config, weight_files)
+from minitron.models.build import (DTYPES, build_model, check_checkpoint_files, count_params, has_tokenizer,
+                                   local_checkpoint, max_positions, resolve_hf_config, weight_files)
 from minitron.prune import importance, scores
 from minitron.prune.shape import check_exportable, resolve_target, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
@@ -87,10 +88,12 @@ def check_teacher_checkpoint(cfg, teacher_cfg) -> None:
     cfg.model.path = local_checkpoint(cfg.model.path)
     if not weight_files(cfg.model.path):
         raise ConfigError(f"model.path: {cfg.model.path} has a config.json but no weights (*.safetensors, *.bin)")
+    check_checkpoint_files(cfg.model)
     if not cfg.data.tokenizer:
         if not has_tokenizer(cfg.model.path):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = cfg.model.path
+    check_tokenizer_files(cfg.data.tokenizer)
     check_source(cfg.data)
 
 

@@ -3,7 +3,9 @@ shape and `minitron-search` over many shapes read the same entry, so only the fi
 calibration pass (and for each depth block size's removal losses).
 
 An entry is keyed by the teacher's content hash and everything the statistics depend on; the
-batch aggregation is applied when scores are read, so it is not part of the key.
+batch aggregation is applied when scores are read, so it is not part of the key. The file (a
+plain torch dict) records a SHA-256 of its own content: a truncated or corrupted entry is found
+when read, and recomputed rather than used.
 """
 import hashlib
 import json
@@ -26,7 +28,7 @@ from minitron.prune.shape import Shape
 
 log = logging.getLogger(__name__)
 
-SCORES_VERSION = 1
+SCORES_VERSION = 2  # 2: the file records a SHA-256 of its content
 
 
 @dataclass
@@ -130,19 +132,49 @@ def scores_path(cfg, content_hash: str, data_cache: Path, num_samples: int) -> P
 
 
 def _read(path: Path) -> Optional[Dict]:
+    """The cached scores, or None if there are none or they are damaged (logged, to be recomputed)."""
     if not path.exists():
         return None
     try:
         scores = torch.load(path, weights_only=True)
-    except Exception as e:  # a corrupt cache entry is recomputed, not trusted
-        log.warning("ignoring unreadable importance scores %s: %s", path, e)
+        recorded = scores.pop("sha256", None)
+        if scores.get("version") != SCORES_VERSION:
+            return None
+        problem = None if recorded == content_digest(scores) else "its content does not match its SHA-256"
+    except Exception as e:  # a truncated file fails in torch.load, with whatever error it hits
+        problem = f"unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+    if problem:
+        log.warning("importance scores %s: %s; recomputing", path, problem)
         return None
     log.info("reusing importance scores from %s", path)
-    return scores if scores.get("version") == SCORES_VERSION else None
+    return scores
 
 
 def _write(path: Path, scores: Dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # jobs of one sweep may write at once
-    torch.save(scores, tmp)
+    torch.save({**scores, "sha256": content_digest(scores)}, tmp)
     tmp.replace(path)
+
+
+def content_digest(scores: Dict) -> str:
+    """SHA-256 over every key, dtype, shape and byte of the scores, in a fixed order. Over the
+    content rather than the file's bytes, so the file stays a plain dict that torch.load reads."""
+    h = hashlib.sha256()
+
+    def visit(node, name: str) -> None:
+        if isinstance(node, dict):
+            for key in sorted(node):
+                visit(node[key], f"{name}/{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, item in enumerate(node):
+                visit(item, f"{name}/{i}")
+        elif isinstance(node, torch.Tensor):
+            flat = node.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}:{flat.dtype}:{tuple(node.shape)}\0".encode())
+            h.update(flat.view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{name}={node!r}\0".encode())
+
+    visit(scores, "")
+    return h.hexdigest()

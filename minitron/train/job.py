@@ -9,10 +9,12 @@ import math
 from minitron.config import ConfigError, TrainJobConfig, check_train_config
 from minitron.data.corpus import check_source
 from minitron.data.sampler import BlockSampler
+from minitron.data.tokenizer import check_tokenizer_files
 from minitron.dist.engine import deepspeed_config, initialize
 from minitron.dist.gang import world_size_from_env
-from minitron.models.build import build_model, count_params, has_tokenizer, max_positions, resolve_hf_config
-from minitron.run import export_model, start_run, write_json_atomic
+from minitron.models.build import (build_model, check_checkpoint_files, count_params, has_tokenizer, max_positions,
+                                   resolve_hf_config)
+from minitron.run import begin_training, export_model, start_run, stop_interrupted, write_json_atomic
 from minitron.train import checkpoint
 from minitron.train.loop import lm_loss, train_loop
 from minitron.train.schedule import build_optimizer
@@ -26,6 +28,7 @@ def check_inputs(cfg: TrainJobConfig, world_size: int):
     presets, which take the tokenizer's)."""
     check_train_config(cfg, world_size)
     hf_config = resolve_hf_config(cfg.model, vocab_size=cfg.data.vocab_size)
+    check_checkpoint_files(cfg.model)
     limit = max_positions(hf_config)
     if cfg.data.seq_len > limit:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's maximum positions ({limit})")
@@ -33,6 +36,7 @@ def check_inputs(cfg: TrainJobConfig, world_size: int):
         if not has_tokenizer(cfg.model.path):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = cfg.model.path
+    check_tokenizer_files(cfg.data.tokenizer)
     check_source(cfg.data)
     return hf_config
 
@@ -57,16 +61,19 @@ def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
                         deepspeed_config(cfg.train, cfg.deepspeed, gang.world_size))
 
     ckpt_root = out / "checkpoints"
-    start_step = checkpoint.resume(engine, ckpt_root, cfg.resume, gang.rank)
+    start_step = checkpoint.resume(engine, ckpt_root, cfg.resume, gang)
+    begin_training(out, gang)
 
-    tracker = make_tracker(cfg.logger, out, {"params": params}, gang.rank)
+    tracker = make_tracker(cfg.logger, out, {"params": params}, gang.rank, resumed_at=start_step)
     sampler = BlockSampler(data.train, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                            gang.rank, gang.world_size, cfg.seed)
     result = train_loop(
         engine, lm_loss, sampler, data.val, cfg.train, gang, tracker, start_step,
-        save_checkpoint=lambda step: checkpoint.save(engine, ckpt_root, step, gang.rank,
+        save_checkpoint=lambda step: checkpoint.save(engine, ckpt_root, step, gang,
                                                      cfg.train.keep_checkpoints),
         device=engine.device)
+    if result.interrupted:
+        stop_interrupted(result, out, ckpt_root, cfg.train.max_steps, tracker, gang)
 
     model_dir = export_model(engine, tokenizer, out / "model", gang)
     summary = {

@@ -3,6 +3,7 @@ Only rank 0 tracks; the other ranks get a tracker that does nothing."""
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 from minitron.config import LoggerConfig
 
@@ -22,11 +23,19 @@ class NullTracker:
 
 
 class JsonlTracker:
-    """One JSON object per logged step in <output_dir>/metrics.jsonl (appended across resumes)."""
+    """One JSON object per logged step in <output_dir>/metrics.jsonl. A run resumed at step N
+    first drops the rows after N (the steps it is about to repeat), so no step appears twice."""
 
-    def __init__(self, path: Path, inner):
+    def __init__(self, path: Path, inner, resumed_at: Optional[int] = None):
         self.path = path
         self.inner = inner
+        if resumed_at is not None and path.is_file():
+            rows = path.read_text().splitlines(keepends=True)
+            kept = [row for row in rows if _step_of(row) is not None and _step_of(row) <= resumed_at]
+            if len(kept) != len(rows):
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
 
     def log(self, metrics: dict, step: int) -> None:
         with self.path.open("a") as f:
@@ -72,8 +81,18 @@ class WandbTracker:
         self.run.finish()
 
 
-def make_tracker(cfg: LoggerConfig, run_dir: Path, config: dict, rank: int):
+def _step_of(row: str) -> Optional[int]:
+    """A metrics.jsonl row's step; None for a line a kill cut short."""
+    try:
+        return int(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def make_tracker(cfg: LoggerConfig, run_dir: Path, config: dict, rank: int, resumed_at: Optional[int] = None):
+    """`resumed_at`: the step a training run starts from (0 for a fresh one), whose later rows
+    in metrics.jsonl are dropped; None keeps every row (jobs that are not resumed)."""
     if rank != 0:
         return NullTracker()
     inner = WandbTracker(cfg, run_dir, config) if cfg.backend == "wandb" else NullTracker()
-    return JsonlTracker(run_dir / "metrics.jsonl", inner)
+    return JsonlTracker(run_dir / "metrics.jsonl", inner, resumed_at)
