@@ -13,23 +13,24 @@ from minitron.train.checkpoint import tag_for
 from minitron.train.stopping import Interrupted
 
 
-def start_run(cfg, config_yaml: str):
+def start_run(cfg):
     """(gang, output dir, packed data) for a training-loop job (train or distill): the process
-    group, the output directory with the resolved config (rank 0), the data."""
+    group, the output directory (rank 0), the data."""
     gang = init_gang()
     out = Path(cfg.output_dir)
     if gang.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml)
     return gang, out, build_or_load(cfg.data, gang, cfg.seed)
 
 
-def begin_training(out: Path, gang) -> None:
-    """Once a run has resumed and is about to train: the summary.json of the run it continues (a
-    finished segment, an interrupted run) goes, so until this run writes its own the directory
-    does not look finished."""
+def begin_training(out: Path, config_yaml: str, gang) -> None:
+    """Once a run has resumed and is about to train: its resolved config in config.yaml, and the
+    summary.json of the run it continues (a finished segment, an interrupted run) gone, so until
+    this run writes its own the directory does not look finished. Not earlier: a run that fails
+    before this point leaves the previous run's files as they were."""
     if gang.rank == 0:
         (out / "summary.json").unlink(missing_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
 
 
 def finished_summary(path: Path) -> Optional[dict]:

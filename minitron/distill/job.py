@@ -164,7 +164,7 @@ def _check_tokenizers(cfg) -> None:
 
 def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
     teacher_cfg, student_cfg, pairs = check_distill_inputs(cfg, world_size_from_env())
-    gang, out, data = start_run(cfg, config_yaml)
+    gang, out, data = start_run(cfg)
     tokenizer = data.tokenizer()
     vocab = len(tokenizer)
     for key, hf in (("teacher", teacher_cfg), ("student", student_cfg)):
@@ -195,7 +195,7 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
 
     ckpt_root = out / "checkpoints"
     start_step = checkpoint.resume(engine, ckpt_root, cfg.resume, gang)
-    begin_training(out, gang)
+    begin_training(out, config_yaml, gang)
 
     student_params = count_params(student_cfg)
     tracker = make_tracker(cfg.logger, out, {"student_params": student_params, "preset": cfg.distill.name,

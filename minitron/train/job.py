@@ -43,7 +43,7 @@ def check_inputs(cfg: TrainJobConfig, world_size: int):
 
 def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
     hf_config = check_inputs(cfg, world_size_from_env())
-    gang, out, data = start_run(cfg, config_yaml)
+    gang, out, data = start_run(cfg)
     tokenizer = data.tokenizer()
     if cfg.model.path:
         if len(tokenizer) > hf_config.vocab_size:
@@ -62,7 +62,7 @@ def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
 
     ckpt_root = out / "checkpoints"
     start_step = checkpoint.resume(engine, ckpt_root, cfg.resume, gang)
-    begin_training(out, gang)
+    begin_training(out, config_yaml, gang)
 
     tracker = make_tracker(cfg.logger, out, {"params": params}, gang.rank, resumed_at=start_step)
     sampler = BlockSampler(data.train, cfg.train.global_batch_size, cfg.train.micro_batch_size,

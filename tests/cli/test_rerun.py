@@ -33,11 +33,10 @@ def prune_args(teacher, corpus_dir, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def train_run(tmp_path_factory, corpus_dir):
-    out = tmp_path_factory.mktemp("rerun") / "train"
-    args = tiny_args(corpus_dir, out, "train.max_steps=2", "train.eval_every=2")
-    run_cli(args)
-    return out, args
+def train_run(tiny_teacher, corpus_dir):
+    """The session's tiny teacher run and the arguments that made it (conftest), left unchanged."""
+    out = tiny_teacher.parent
+    return out, tiny_args(corpus_dir, out)
 
 
 def test_finished_train_run_is_not_redone(train_run):
@@ -52,7 +51,8 @@ def test_other_settings_are_refused_before_anything_is_written(train_run):
     proc = run_cli([*args, "train.lr=1e-3"], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"error: output_dir: {out} holds a finished run with other settings (train.lr: 0.002 here, 0.001 now)")
+        f"error: output_dir: {out} holds a finished run with other settings (train.lr: 0.002 here, 0.001 now); "
+        "choose another output_dir, or set resume=never to replace it")
     assert files(out) == before
 
 

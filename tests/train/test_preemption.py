@@ -5,8 +5,8 @@
   losses, each step logged once.
 - The SLURM script passes its USR1 (sbatch --signal) on to the tasks and requeues the job when
   they exit with the interrupted status.
-- A truncated newest checkpoint is skipped with a warning naming it; the run resumes from the one
-  before and repeats the uninterrupted losses. No usable checkpoint at all: an error naming resume.
+- No usable checkpoint: an error naming resume. A truncated newest checkpoint is skipped with a
+  warning naming it; the run resumes from the one before and repeats the uninterrupted losses.
 - A diverged loss stops the run with one line naming train.lr, saving nothing at or after it.
 """
 import json
@@ -120,33 +120,37 @@ def test_slurm_script_forwards_usr1_and_requeues(tmp_path, corpus_dir, reference
     assert (tmp_path / "scontrol.log").read_text().count("requeue") == 1
 
 
-def test_truncated_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, corpus_dir, reference):
+def test_damaged_checkpoints_are_skipped_for_the_newest_usable_one(tmp_path, corpus_dir, reference):
     out = tmp_path / "run"
     # A segment of the reference's schedule that stops at step 20, checkpointed at 10 and 20.
     run_cli(args(corpus_dir, out, "train.max_steps=20", f"train.schedule_steps={STEPS}"))
-    states = out / "checkpoints" / "step_00000020" / "mp_rank_00_model_states.pt"
-    size = states.stat().st_size
-    with states.open("r+b") as f:
-        f.truncate(size // 2)
+    checkpoints = out / "checkpoints"
 
-    proc = run_cli(args(corpus_dir, out, f"train.schedule_steps={STEPS}"))
-    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "step_00000020 is unusable" in line]
-    assert len(warnings) == 1 and "mp_rank_00_model_states.pt" in warnings[0]
-    assert f"{size // 2:,} bytes" in warnings[0]
-    assert_repeats(out, reference, rel=1e-6)
-
-
-def test_no_usable_checkpoint_is_an_error_naming_resume(tmp_path, corpus_dir):
-    out = tmp_path / "run"
-    run_cli(args(corpus_dir, out, "train.max_steps=10", f"train.schedule_steps={STEPS}"))
-    (out / "checkpoints" / "step_00000010" / "manifest.json").unlink()  # as if killed mid-save
+    # Neither usable (both as if killed mid-save): one line naming resume; the disk as it was.
+    manifests = {p: p.read_text() for p in checkpoints.glob("step_*/manifest.json")}
+    for path in manifests:
+        path.unlink()
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     proc = run_cli(args(corpus_dir, out, f"train.schedule_steps={STEPS}"), check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: resume: none of the 1 checkpoints"), proc.stderr[-2000:]
-    assert "step_00000010 is unusable (no readable manifest.json" in proc.stdout + proc.stderr
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # the failed run added nothing
+    assert len(errors) == 1 and errors[0].startswith("error: resume: none of the 2 checkpoints"), proc.stderr[-2000:]
+    assert "step_00000020 is unusable (no readable manifest.json" in proc.stdout + proc.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    for path, text in manifests.items():
+        path.write_text(text)
+
+    # The newest truncated: skipped with a warning naming it and both sizes; the run resumes from
+    # step 10 and repeats the reference.
+    states = checkpoints / "step_00000020" / "mp_rank_00_model_states.pt"
+    size = states.stat().st_size
+    with states.open("r+b") as f:
+        f.truncate(size // 2)
+    proc = run_cli(args(corpus_dir, out, f"train.schedule_steps={STEPS}"))
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "step_00000020 is unusable" in line]
+    assert len(warnings) == 1 and "mp_rank_00_model_states.pt" in warnings[0], proc.stdout[-3000:]
+    assert f"{size // 2:,} bytes, {size:,} when saved" in warnings[0]
+    assert_repeats(out, reference, rel=1e-6)
 
 
 def test_a_diverged_loss_stops_with_one_line_and_saves_nothing_after_it(tmp_path, corpus_dir):
