@@ -145,7 +145,6 @@ def _check_tokenizers(cfg) -> None:
         if not has_tokenizer(owner):
             raise ConfigError(f"data.tokenizer: {key}.path {owner} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = owner
-    check_tokenizer_files(cfg.data.tokenizer)
     if needs_teacher(cfg) and has_tokenizer(cfg.student.path):
         check_tokenizer_files(cfg.student.path, "student.path")
         from transformers import AutoTokenizer

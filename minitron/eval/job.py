@@ -13,7 +13,6 @@ from pathlib import Path
 from minitron.config import ConfigError, EvalConfig, EvalJobConfig
 from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
-from minitron.data.tokenizer import check_tokenizer_files
 from minitron.dist.gang import init_gang
 from minitron.eval import harness
 from minitron.eval.perplexity import evaluate
@@ -51,8 +50,7 @@ def check_eval_inputs(cfg: EvalJobConfig):
         if not has_tokenizer(cfg.model.path):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = cfg.model.path
-    check_tokenizer_files(cfg.data.tokenizer)
-    check_source(cfg.data)
+    check_source(cfg.data)  # the tokenizer's files included
     out = Path(cfg.output_dir)
     if out.is_file():
         raise ConfigError(f"output_dir: {out} is a file; choose a directory")

@@ -17,7 +17,6 @@ from pathlib import Path
 from minitron.config import ConfigError, PruneJobConfig, check_output_dir
 from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
-from minitron.data.tokenizer import check_tokenizer_files
 from minitron.dist.gang import init_gang
 from minitron.eval.perplexity import evaluate
 from minitron.models.adapters import adapter_for
@@ -93,8 +92,7 @@ def check_teacher_checkpoint(cfg, teacher_cfg) -> None:
         if not has_tokenizer(cfg.model.path):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = cfg.model.path
-    check_tokenizer_files(cfg.data.tokenizer)
-    check_source(cfg.data)
+    check_source(cfg.data)  # the tokenizer's files included
 
 
 def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:

@@ -9,7 +9,6 @@ import math
 from minitron.config import ConfigError, TrainJobConfig, check_train_config
 from minitron.data.corpus import check_source
 from minitron.data.sampler import BlockSampler
-from minitron.data.tokenizer import check_tokenizer_files
 from minitron.dist.engine import deepspeed_config, initialize
 from minitron.dist.gang import world_size_from_env
 from minitron.models.build import (build_model, check_checkpoint_files, count_params, has_tokenizer, max_positions,
@@ -36,8 +35,7 @@ def check_inputs(cfg: TrainJobConfig, world_size: int):
         if not has_tokenizer(cfg.model.path):
             raise ConfigError(f"data.tokenizer: model.path {cfg.model.path} has no tokenizer; set data.tokenizer")
         cfg.data.tokenizer = cfg.model.path
-    check_tokenizer_files(cfg.data.tokenizer)
-    check_source(cfg.data)
+    check_source(cfg.data)  # the tokenizer's files included
     return hf_config
 
 

@@ -299,6 +299,7 @@ CASES = [
     case("eval", "corrupt-tokenizer", lambda x: [f"model.path={x.broken(garbage_tokenizer)}"],
          "data.tokenizer: ...tokenizer.json is not valid JSON"),
     case("eval", "blocks", lambda x: ["eval.blocks=0"], "eval.blocks: must be at least 1"),
+    case("eval", "seq-len-above-positions", lambda x: ["data.seq_len=100000"], "data.seq_len: 100000 exceeds"),
     case("eval", "micro-batch", lambda x: ["eval.micro_batch_size=0"], "eval.micro_batch_size: must be at least 1"),
     case("eval", "batch-size", lambda x: ["eval.batch_size=0"], "eval.batch_size: must be at least 1"),
     case("eval", "limit", lambda x: ["eval.limit=0"], "eval.limit: must be at least 1"),

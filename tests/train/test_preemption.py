@@ -1,10 +1,11 @@
 """Preemption, damaged checkpoints and diverged runs, on real runs.
 
+- SIGKILL: the run resumes from its last checkpoint.
 - SIGTERM to torchrun (what Kubernetes and SLURM preemption do) makes both ranks finish the step,
   save, write an interrupted summary and exit; resume=auto then repeats the uninterrupted run's
   losses, each step logged once.
 - The SLURM script passes its USR1 (sbatch --signal) on to the tasks and requeues the job when
-  they exit with the interrupted status.
+  they exit with the interrupted status; the requeued job continues.
 - No usable checkpoint: an error naming resume. A truncated newest checkpoint is skipped with a
   warning naming it; the run resumes from the one before and repeats the uninterrupted losses.
 - A diverged loss stops the run with one line naming train.lr, saving nothing at or after it.
@@ -97,7 +98,9 @@ def test_slurm_script_forwards_usr1_and_requeues(tmp_path, corpus_dir, reference
         stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "localhost"}
-    (bin_dir / "python").symlink_to(sys.executable)
+    # A script, not a link: a linked venv interpreter would not find its venv.
+    (bin_dir / "python").write_text(f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     out = tmp_path / "run"
     proc = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), "train", *args(corpus_dir, out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -112,12 +115,32 @@ def test_slurm_script_forwards_usr1_and_requeues(tmp_path, corpus_dir, reference
     check_interrupted(out, "SIGUSR1")
     assert "requeue 4242" in (tmp_path / "scontrol.log").read_text()
 
-    # The requeued job runs the script again and continues; run again after that, it exits at once.
-    for _ in range(2):
-        subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "train", *args(corpus_dir, out)],
-                       env=env, check=True, capture_output=True, timeout=300)
+    # The requeued job runs the script again and continues (a finished run started again exits at
+    # once: tests/cli/test_rerun.py).
+    subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "train", *args(corpus_dir, out)],
+                   env=env, check=True, capture_output=True, timeout=300)
     assert_repeats(out, reference, rel=1e-6)
     assert (tmp_path / "scontrol.log").read_text().count("requeue") == 1
+
+
+def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path, corpus_dir, reference):
+    """A node that dies: no signal handling, no final save. The steps logged after the last
+    checkpoint are dropped from metrics.jsonl and repeated, each logged once."""
+    out = tmp_path / "run"
+    proc = start_and_wait_for_a_checkpoint([sys.executable, "-m", "minitron.cli.train", *args(corpus_dir, out)], out)
+    proc.kill()
+    proc.wait()
+    assert not (out / "summary.json").exists() and not (out / "model").exists()
+
+    run_cli(args(corpus_dir, out))
+    assert_repeats(out, reference, rel=1e-6)
+
+    # resume=never starts over in the finished run's directory: the old checkpoints and metrics
+    # go, and its first step is the reference's.
+    run_cli(args(corpus_dir, out, "resume=never", "train.max_steps=1"))
+    assert logged_steps(out) == [1]
+    assert read_metrics(out)[1]["train/loss"] == pytest.approx(reference[1]["train/loss"], rel=1e-6)
+    assert not (out / "checkpoints").exists()
 
 
 def test_damaged_checkpoints_are_skipped_for_the_newest_usable_one(tmp_path, corpus_dir, reference):
