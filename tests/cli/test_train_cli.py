@@ -71,7 +71,7 @@ def test_one_large_text_file_with_the_defaults(tmp_path, corpus_dir):
     """The most common corpus: one .txt file. Its blank lines separate documents, so it has a
     validation split; with a blend of it and a JSON-lines corpus the run trains too."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(corpus_texts(corpus_dir)) * 6)  # ~2.5 MB
+    corpus.write_text("\n\n".join(corpus_texts(corpus_dir)) * 2)  # ~0.8 MB
     out = tmp_path / "run"
     run_cli(tiny_args(corpus, out, "train.max_steps=3", "train.eval_every=3"))
     summary = json.loads((out / "summary.json").read_text())

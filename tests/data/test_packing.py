@@ -139,7 +139,7 @@ def test_corpus_too_small_for_one_block(tmp_path):
 
 
 def test_one_big_text_file_has_a_validation_split(tmp_path, corpus_dir):
-    (tmp_path / "corpus.txt").write_text("\n\n".join(corpus_texts(corpus_dir)) * 8)  # about 3 MB, one file
+    (tmp_path / "corpus.txt").write_text("\n\n".join(corpus_texts(corpus_dir)) * 3)  # about 1.2 MB, one file
     cfg = DataConfig(path=str(tmp_path / "corpus.txt"), vocab_size=512, seq_len=64, cache_dir=str(tmp_path / "c"))
     data = build_or_load(cfg, LocalGang())
     meta = json.loads((data.cache_dir / "meta.json").read_text())
