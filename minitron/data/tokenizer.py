@@ -63,10 +63,8 @@ def check_tokenizer_files(name_or_path: Optional[str], key: str = "data.tokenize
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(name_or_path)  # a missing directory or broken JSON: one line, not a traceback
     path = Path(name_or_path).expanduser()
-    if not path.exists() and name_or_path.startswith((".", "/", "~")):
-        raise ConfigError(f"data.tokenizer: no such directory: {path}")
-    check_tokenizer_files(name_or_path)
     try:
         # Explicitly False: left unset, transformers asks on a terminal whether to run a tokenizer's own code.
         tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path, trust_remote_code=False)
