@@ -112,7 +112,7 @@ def _sizes_match(layout: dict) -> bool:
     checksummed them: on a shared filesystem these are the same files, and every node re-reading a
     multi-GB cache would cost more than it guards. A node-local copy that is missing or of another
     size goes through `prepare`, which checksums it and rebuilds it."""
-    entries = [layout["tokenizer_dir"], *layout["train"], *layout["val"], layout["cache_dir"]]
+    entries = {layout["tokenizer_dir"], *layout["train"], *layout["val"], layout["cache_dir"]}  # val may be train
     return all(damage(Path(e), checksums=False) is None for e in entries)
 
 

@@ -31,7 +31,7 @@ class JsonlTracker:
         self.inner = inner
         if resumed_at is not None and path.is_file():
             rows = path.read_text().splitlines(keepends=True)
-            kept = [row for row in rows if _step_of(row) is not None and _step_of(row) <= resumed_at]
+            kept = [row for row in rows if (step := _step_of(row)) is not None and step <= resumed_at]
             if len(kept) != len(rows):
                 tmp = path.with_name(f".{path.name}.tmp")
                 tmp.write_text("".join(kept))
