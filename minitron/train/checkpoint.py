@@ -3,8 +3,8 @@ not keep: the step (which fixes the data position, see data/sampler.py) and each
 
 Each checkpoint directory ends with a manifest.json of its files' sizes, written once every rank
 has finished writing. `resume=auto` takes the newest checkpoint whose files all match their
-manifest and open as torch archives, warning about each newer one it skips (a node that died
-mid-save, a truncated copy), so a bad checkpoint costs the steps since the previous one, not the run.
+manifest and open as torch archives, warning about each newer one it skips (a save cut short, a
+truncated copy), so a bad checkpoint costs the steps since the previous one, not the run.
 """
 import json
 import logging
@@ -81,15 +81,24 @@ def resume(engine, root: Path, mode: str, gang) -> int:
 
 
 def newest_usable(root: Path) -> Optional[str]:
-    """The newest checkpoint tag under `root` that passes `problem`, warning about each newer one;
-    None if there are none at all; a ConfigError naming `resume` if there are some but none is usable."""
+    """The newest checkpoint tag under `root` that passes `problem`, warning about each newer one.
+    None if there is no finished checkpoint: a directory without a manifest is a save that was cut
+    short (a kill during the first save leaves only that), so the run starts over. A ConfigError
+    naming `resume` if there are finished ones but all are damaged: starting over would silently
+    throw away the steps they held."""
     steps = _steps(root)
+    damaged = 0
     for _, tag_dir in reversed(steps):
+        if not (tag_dir / MANIFEST).exists():
+            log.warning("checkpoint %s was never finished (no %s: the save was cut short); ignoring it",
+                        tag_dir, MANIFEST)
+            continue
         why = problem(tag_dir)
         if why is None:
             return tag_dir.name
+        damaged += 1
         log.warning("checkpoint %s is unusable (%s); trying the one before it", tag_dir, why)
-    if steps:
+    if damaged:
         raise ConfigError(f"resume: none of the {len(steps)} checkpoints in {root} is usable (see the warnings "
                           "above); remove them or set resume=never to start over")
     return None
@@ -97,12 +106,12 @@ def newest_usable(root: Path) -> Optional[str]:
 
 def problem(tag_dir: Path) -> Optional[str]:
     """Why this checkpoint directory cannot be resumed from, or None if it can: a missing or
-    unreadable manifest (the save never finished), files missing or of another size than written,
-    a torch archive that does not open."""
+    unreadable manifest, files missing or of another size than written, a torch archive that does
+    not open."""
     try:
         files = json.loads((tag_dir / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return f"no readable {MANIFEST}: the save did not finish"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST}"
     for name, size in files.items():
         path = tag_dir / name
         if not path.is_file():

@@ -6,7 +6,8 @@
   losses, each step logged once.
 - The SLURM script passes its USR1 (sbatch --signal) on to the tasks and requeues the job when
   they exit with the interrupted status; the requeued job continues.
-- No usable checkpoint: an error naming resume. A truncated newest checkpoint is skipped with a
+- Only a save cut short (no manifest): the run starts over. Finished checkpoints that are all
+  damaged: an error naming resume. A truncated newest checkpoint is skipped with a
   warning naming it; the run resumes from the one before and repeats the uninterrupted losses.
 - A diverged loss stops the run with one line naming train.lr, saving nothing at or after it.
 """
@@ -22,6 +23,7 @@ import pytest
 
 from conftest import logged_steps, read_metrics, run_cli, tiny_args
 from dist.test_multiprocess import TRAIN_PY, free_port
+from minitron.train.checkpoint import MANIFEST, newest_usable
 from minitron.train.stopping import EXIT_INTERRUPTED
 
 STEPS = 30
@@ -149,16 +151,19 @@ def test_damaged_checkpoints_are_skipped_for_the_newest_usable_one(tmp_path, cor
     run_cli(args(corpus_dir, out, "train.max_steps=20", f"train.schedule_steps={STEPS}"))
     checkpoints = out / "checkpoints"
 
-    # Neither usable (both as if killed mid-save): one line naming resume; the disk as it was.
-    manifests = {p: p.read_text() for p in checkpoints.glob("step_*/manifest.json")}
-    for path in manifests:
-        path.unlink()
+    # Neither usable (the newest cut short mid-save, the older one's manifest damaged): one line
+    # naming resume, a warning for each; the disk as it was.
+    newest, older = checkpoints / "step_00000020" / MANIFEST, checkpoints / "step_00000010" / MANIFEST
+    manifests = {path: path.read_text() for path in (newest, older)}
+    newest.unlink()
+    older.write_text("{")
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     proc = run_cli(args(corpus_dir, out, f"train.schedule_steps={STEPS}"), check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: resume: none of the 2 checkpoints"), proc.stderr[-2000:]
-    assert "step_00000020 is unusable (no readable manifest.json" in proc.stdout + proc.stderr
+    assert "step_00000020 was never finished (no manifest.json" in proc.stdout + proc.stderr
+    assert "step_00000010 is unusable (no readable manifest.json)" in proc.stdout + proc.stderr
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     for path, text in manifests.items():
         path.write_text(text)
@@ -174,6 +179,20 @@ def test_damaged_checkpoints_are_skipped_for_the_newest_usable_one(tmp_path, cor
     assert len(warnings) == 1 and "mp_rank_00_model_states.pt" in warnings[0], proc.stdout[-3000:]
     assert f"{size // 2:,} bytes, {size:,} when saved" in warnings[0]
     assert_repeats(out, reference, rel=1e-6)
+
+
+def test_a_save_cut_short_is_ignored_and_with_nothing_before_it_the_run_starts_over(tmp_path, caplog):
+    # A kill during the first save leaves one checkpoint directory and no manifest.
+    cut_short = tmp_path / "step_00000004"
+    cut_short.mkdir()
+    (cut_short / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04")
+    assert newest_usable(tmp_path) is None
+    assert "step_00000004 was never finished" in caplog.text
+    # With a finished one before it, that one is taken.
+    finished = tmp_path / "step_00000002"
+    finished.mkdir()
+    (finished / MANIFEST).write_text(json.dumps({"step": 2, "files": {}}))
+    assert newest_usable(tmp_path) == "step_00000002"
 
 
 def test_a_diverged_loss_stops_with_one_line_and_saves_nothing_after_it(tmp_path, corpus_dir):
