@@ -28,13 +28,21 @@ class ModelConfig:
     family: str = "llama"
     """transformers `model_type` used to build a model from the shape below."""
     hidden_size: int = 288
+    """Width of the residual stream and the embeddings."""
     intermediate_size: int = 768
+    """MLP inner width."""
     num_hidden_layers: int = 4
+    """Transformer layers."""
     num_attention_heads: int = 6
+    """Query heads (head size: hidden_size / num_attention_heads)."""
     num_key_value_heads: int = 2
+    """Key/value heads (grouped-query attention); divides num_attention_heads."""
     max_position_embeddings: int = 1024
+    """Longest sequence the model takes; data.seq_len may not exceed it."""
     rope_theta: float = 10000.0
+    """Base of the rotary position embedding's frequencies."""
     tie_word_embeddings: bool = False
+    """Share one matrix between the input embedding and the output layer (lm_head)."""
     attn_implementation: str = "auto"
     """`auto` picks flash_attention_2 when flash-attn imports and a GPU is present, else sdpa."""
     init: str = "pretrained"
@@ -48,12 +56,17 @@ class ModelConfig:
 class DataSource:
     """One corpus of a blend (`data.sources`); unset keys take data.*'s value."""
     path: Optional[str] = None
+    """A file, directory or Megatron prefix, as data.path."""
     name: Optional[str] = None
+    """A `datasets` hub name or saved directory, as data.name."""
     weight: float = 1.0
     """Share of the training samples drawn from this source (weights are normalised)."""
     split: Optional[str] = None
+    """As data.split, for this source."""
     text_field: Optional[str] = None
+    """As data.text_field, for this source."""
     txt_documents: Optional[str] = None
+    """As data.txt_documents, for this source."""
 
 
 @dataclass
@@ -105,12 +118,17 @@ class TrainConfig:
     global_batch_size: int = 8
     """Sequences per optimizer step over all ranks; gradient accumulation makes up the rest."""
     lr: float = 2e-3
+    """Peak learning rate of AdamW, reached after warmup_steps, then cosine decay."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio."""
     warmup_steps: int = 20
+    """Steps of linear warmup from near 0 to lr."""
     weight_decay: float = 0.1
+    """AdamW's weight decay, on weight matrices only (norms and biases are not decayed)."""
     beta1: float = 0.9
+    """AdamW's beta1 (momentum of the gradient average)."""
     beta2: float = 0.95
+    """AdamW's beta2 (of the squared-gradient average)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 turns clipping off)."""
     precision: str = "fp32"
@@ -121,9 +139,12 @@ class TrainConfig:
     """Validation blocks used per evaluation (the same blocks every time, whatever the rank count)."""
     save_every: int = 100
     """DeepSpeed checkpoint every N steps (0: never)."""
-    keep_checkpoints: int = 2
-    """How many recent checkpoints to keep on disk."""
+    keep_checkpoints: int = 1
+    """How many of the newest checkpoints stay on disk while the run goes on; once it finishes they
+    are removed (resuming it has nothing left to do), except at the end of a segment that a later
+    run continues (`schedule_steps`). 0 keeps every checkpoint, also after the run."""
     log_every: int = 1
+    """Training loss and throughput to metrics.jsonl (and the logger) every N steps."""
 
 
 @dataclass
@@ -137,10 +158,13 @@ class DeepSpeedConfig:
 @dataclass
 class WandbConfig:
     project: str = "minitron"
+    """W&B project of the run."""
     entity: Optional[str] = None
+    """W&B team or user; unset: your W&B default."""
     mode: str = "offline"
     """offline (default: needs no network), online, or disabled."""
     name: Optional[str] = None
+    """W&B run name; unset: W&B picks one."""
 
 
 @dataclass
@@ -153,10 +177,17 @@ class LoggerConfig:
 @dataclass
 class TrainJobConfig:
     output_dir: str = "runs/train"
+    """Run directory: checkpoints, metrics.jsonl, the trained model (model/) and summary.json."""
     seed: int = 0
+    """Model initialisation, data order and a blend's sampling."""
+    log_level: str = "info"
+    """minitron's messages at this level and above on the terminal: debug, info, warning or error.
+    Other libraries' output (DeepSpeed, transformers, compilers) goes to the run's log file, and
+    to the terminal too with `debug`."""
     resume: str = "auto"
     """auto: continue from the newest checkpoint in output_dir if there is one; never: start fresh."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to train: a preset's shape (model=<preset>), or a checkpoint at `model.path`."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -167,12 +198,16 @@ class TrainJobConfig:
 class PruneExportConfig:
     """The student's shape; a key left unset keeps the teacher's value."""
     hidden_size: Optional[int] = None
+    """Embedding channels kept (the same in every layer, embeddings and lm_head)."""
     ffn_hidden_size: Optional[int] = None
+    """MLP neurons kept per layer (the student's intermediate_size)."""
     num_attention_heads: Optional[int] = None
+    """Query heads kept per layer, the same number from each kept KV group."""
     num_key_value_heads: Optional[int] = None
     """Fewer than the teacher's prunes whole KV groups. Unset: the teacher's, except that an MHA
     teacher stays MHA (it follows num_attention_heads)."""
     num_layers: Optional[int] = None
+    """Layers kept; which go is decided by prune.depth.*."""
 
 
 @dataclass
@@ -225,7 +260,13 @@ class PruneConfig:
 @dataclass
 class PruneJobConfig:
     output_dir: str = "runs/prune"
+    """The pruned checkpoint with pruning.json and summary.json, moved into place only when complete."""
     seed: int = 0
+    """Draws the calibration blocks (and the permutations of prune.importance.ranking=random)."""
+    log_level: str = "info"
+    """minitron's messages at this level and above on the terminal: debug, info, warning or error.
+    Other libraries' output (DeepSpeed, transformers, compilers) goes to the run's log file, and
+    to the terminal too with `debug`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The teacher: `model.path` is required."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -280,7 +321,13 @@ class DistillConfig:
 @dataclass
 class DistillJobConfig:
     output_dir: str = "runs/distill"
+    """Run directory: checkpoints, metrics.jsonl, the student (model/) and summary.json."""
     seed: int = 0
+    """A random student's initialisation, data order and a blend's sampling."""
+    log_level: str = "info"
+    """minitron's messages at this level and above on the terminal: debug, info, warning or error.
+    Other libraries' output (DeepSpeed, transformers, compilers) goes to the run's log file, and
+    to the terminal too with `debug`."""
     resume: str = "auto"
     """auto: continue from the newest checkpoint in output_dir if there is one; never: start fresh."""
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -292,6 +339,7 @@ class DistillJobConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    """The loss (distill=<preset>): logit divergence, cross-entropy weight, hidden-state pairs."""
 
 
 @dataclass
@@ -363,7 +411,13 @@ class SearchConfig:
 @dataclass
 class SearchJobConfig:
     output_dir: str = "runs/search"
+    """search.json (.csv, .png), the winner's pruned checkpoint (winner/), candidates/ and summary.json."""
     seed: int = 0
+    """Calibration blocks, data order and a blend's sampling."""
+    log_level: str = "info"
+    """minitron's messages at this level and above on the terminal: debug, info, warning or error.
+    Other libraries' output (DeepSpeed, transformers, compilers) goes to the run's log file, and
+    to the terminal too with `debug`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The teacher: `model.path` is required."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -376,6 +430,7 @@ class SearchJobConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    """The budgets and the space of shapes (search=<preset>)."""
 
 
 @dataclass
@@ -396,7 +451,13 @@ class EvalConfig:
 @dataclass
 class EvalJobConfig:
     output_dir: str = "runs/eval"
+    """Where summary.json and eval_config.yaml (and the logger's run) are written."""
     seed: int = 0
+    """A blend's sampling and lm-eval's sampling."""
+    log_level: str = "info"
+    """minitron's messages at this level and above on the terminal: debug, info, warning or error.
+    Other libraries' output (DeepSpeed, transformers, compilers) goes to the run's log file, and
+    to the terminal too with `debug`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model to evaluate: `model.path`, any Hugging Face causal LM checkpoint."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -426,7 +487,13 @@ PIPELINE_STAGES = ("correct", "importance", "search", "prune", "distill", "eval"
 @dataclass
 class PipelineJobConfig:
     output_dir: str = "runs/pipeline"
+    """Every stage's runs, report.md with its plots, and summary.json."""
     seed: int = 0
+    """Passed to every stage (initialisation, data order, calibration blocks)."""
+    log_level: str = "info"
+    """minitron's messages at this level and above on the terminal: debug, info, warning or error.
+    Other libraries' output (DeepSpeed, transformers, compilers) goes to the run's log file, and
+    to the terminal too with `debug`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The teacher: `model.path`; unset: the embedded teacher is pretrained first (pretrain.*)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -447,6 +514,7 @@ class PipelineJobConfig:
     search_steps: int = 100
     """Each candidate's distillation budget in a search (the search's train.max_steps)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
+    """The distillation loss (distill=<preset>), for each target and the search's candidates."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Each target's distillation (and the search candidates', but for max_steps)."""
     eval: EvalConfig = field(default_factory=EvalConfig)

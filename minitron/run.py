@@ -72,10 +72,23 @@ def export_model(engine, tokenizer, model_dir: Path, gang, model=None, extra_fil
             tokenizer.save_pretrained(tmp)
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
+            follow_umask(tmp)
             shutil.rmtree(model_dir, ignore_errors=True)
             os.replace(tmp, model_dir)
     gang.barrier()
     return model_dir
+
+
+def follow_umask(directory: Path) -> None:
+    """Give `directory` and everything in it the modes the process umask allows (0644 / 0755 under
+    the usual 022): mkdtemp and safetensors create theirs private (0700 / 0600), which would keep
+    an exported model from a colleague on a shared filesystem."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -4,9 +4,11 @@ on stderr with its own exit status."""
 import functools
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from minitron import progress
 from minitron.cli import rerun
 from minitron.config import ConfigError, check_output_dir
 from minitron.train.stopping import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted, TrainingDiverged
@@ -96,6 +98,14 @@ def run_hydra(config_name: str, job: Callable, saved_config: Optional[str] = Non
     import hydra
 
     sys.argv[1:] = args = prepare_argv(sys.argv[1:])
+    if "--help" in args or "-h" in args:  # this command's keys and groups, not Hydra's generic page
+        from minitron.cli.help import command_help
+
+        try:
+            print(command_help(config_name, conf_dir()), flush=True)
+        except BrokenPipeError:  # `minitron-train --help | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     exit_on_known_errors(check_group_choices)(args, conf_dir())
     exit_on_known_errors(check_output_dir_arg)(args)
     cfg = rerun.compose(config_name, args, conf_dir())  # None for sweeps: each job has its own directory
@@ -110,4 +120,23 @@ def run_hydra(config_name: str, job: Callable, saved_config: Optional[str] = Non
         if os.environ.get("RANK", "0") == "0":
             cleanup = lambda: rerun.remove_added(cfg["output_dir"], before)  # noqa: E731
     hydra.main(config_path=conf_dir(), config_name=config_name, version_base="1.3")(
-        exit_on_known_errors(job, on_config_error=cleanup))()
+        exit_on_known_errors(with_logging(job, config_name), on_config_error=cleanup))()
+
+
+def with_logging(job: Callable, command: str) -> Callable:
+    """`job`, with this process's output routed (minitron/logs.py) into `<output_dir>/<command>.log`."""
+    @functools.wraps(job)
+    def wrapper(cfg):
+        from minitron import logs
+
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        logs.check_log_level(cfg.log_level)
+        log_file = logs.log_file_for(cfg.output_dir, command, rank)
+        logs.setup(cfg.log_level, log_file, rank)
+        started = time.perf_counter()
+        result = job(cfg)
+        if rank == 0:
+            print(f"{command} done in {progress.duration(time.perf_counter() - started)}: everything is in "
+                  f"{cfg.output_dir}/ (log: {log_file.name})", flush=True)
+        return result
+    return wrapper

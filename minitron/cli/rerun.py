@@ -15,7 +15,7 @@ from minitron.run import finished_summary
 
 # Settings that change where results are reported or how a run restarts, not what it computes
 # (output_dir: a run directory that was moved or copied is still the same run).
-IGNORED = ("resume", "logger", "output_dir")
+IGNORED = ("resume", "logger", "log_level", "output_dir")
 # The run that continues a finished training segment: more steps on the same schedule.
 CONTINUATION = "train.max_steps"
 

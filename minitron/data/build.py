@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
+from minitron import progress
 from minitron.config import ConfigError
 from minitron.data.corpus import is_validation
 
@@ -160,7 +160,7 @@ def _tokenise(out: Path, batches, tokenizer, seq_len, val_fraction, num_proc, to
     counts = {"train_documents": 0, "val_documents": 0, "train_tokens": 0, "val_tokens": 0, "characters": 0}
     last_train = 0
     start = time.perf_counter()
-    bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc=f"tokenise {label}", dynamic_ncols=True)
+    bar = progress.bar(total_chars, f"tokenise {label}", unit="char", unit_scale=True)
     with (out / "train.bin").open("wb") as train_file, (out / "val.bin").open("wb") as val_file, _serial_tokenizers():
         work = _encode_all(batches, lambda docs: encode(docs, tokenizer, dtype, val_fraction),
                            (tokenizer, dtype, val_fraction), num_proc)

@@ -2,10 +2,13 @@
 import contextlib
 from typing import Any, Dict
 
-import deepspeed
 import torch
 
 from minitron.config import DeepSpeedConfig, TrainConfig
+from minitron.logs import captured_output
+
+with captured_output():  # its import prints which accelerator it picked, bypassing logging
+    import deepspeed
 
 
 def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int) -> Dict[str, Any]:
@@ -28,8 +31,9 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int) -
 
 
 def initialize(model: torch.nn.Module, optimizer, lr_scheduler, config: Dict[str, Any]):
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=lr_scheduler, config=config)
+    with captured_output():  # the first start on a CPU compiles DeepSpeed's comm op; config dumps
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               lr_scheduler=lr_scheduler, config=config)
     _record_fp32_clip_norm(engine)
     return engine
 
@@ -79,5 +83,6 @@ def place_frozen(model: torch.nn.Module, train_config: Dict[str, Any], device: t
         return model, model
     keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
             "zero_optimization", "bf16", "steps_per_print", "wall_clock_breakdown")
-    engine, _, _, _ = deepspeed.initialize(model=model, config={k: train_config[k] for k in keep if k in train_config})
+    with captured_output():
+        engine, _, _, _ = deepspeed.initialize(model=model, config={k: train_config[k] for k in keep if k in train_config})
     return engine, engine.module

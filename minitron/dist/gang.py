@@ -70,9 +70,9 @@ def world_size_from_env() -> int:
 
 
 def init_gang() -> TorchGang:
-    """Initialise the process group (gloo on CPU, nccl on GPU) through DeepSpeed, once."""
-    import deepspeed
-
+    """Initialise the process group (gloo on CPU, nccl on GPU), once. Plain torch.distributed, so
+    that commands without a DeepSpeed engine (prune, eval) never import DeepSpeed; an engine made
+    later joins this group."""
     os.environ.update(launcher_env())
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -81,8 +81,6 @@ def init_gang() -> TorchGang:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
     return TorchGang(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                      device=device)
-

@@ -29,7 +29,7 @@ from minitron.models.build import (DTYPES, build_model, check_checkpoint_files, 
 from minitron.run import begin_training, export_model, start_run, stop_interrupted, write_json_atomic
 from minitron.train import checkpoint, flops
 from minitron.train.loop import train_loop
-from minitron.train.schedule import build_optimizer
+from minitron.train.schedule import build_optimizer, schedule_length
 from minitron.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,8 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
     tracker.finish()
     if gang.rank == 0:
         write_json_atomic(out / "summary.json", summary)
-    gang.barrier()
+    checkpoint.tidy_finished(ckpt_root, cfg.train.keep_checkpoints,
+                             result.steps < schedule_length(cfg.train), gang)
     return summary
 
 

@@ -62,7 +62,7 @@ def check_eval_inputs(cfg: EvalJobConfig):
 def evaluate_model(model, tokenizer, val_blocks, e: EvalConfig, gang, device, seed: int = 0) -> dict:
     """{"val_loss", "val_ppl", "params", "tasks": {task: {metric: value}}} of an in-memory model."""
     started = time.perf_counter()
-    val_loss = evaluate(model, val_blocks, e.micro_batch_size, gang, device, e.blocks)
+    val_loss = evaluate(model, val_blocks, e.micro_batch_size, gang, device, e.blocks, desc="eval")
     result = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
               "params": sum(p.numel() for p in model.parameters()),
               "val_blocks": min(e.blocks, len(val_blocks)), "tasks": {}}

@@ -11,16 +11,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minitron import progress
+
 
 @torch.no_grad()
 def evaluate(model, val_blocks: np.ndarray, micro_batch_size: int, gang, device: torch.device,
-             max_blocks: Optional[int] = None) -> float:
+             max_blocks: Optional[int] = None, desc: Optional[str] = None) -> float:
     """Mean next-token loss over the validation blocks, sharded over ranks. Every rank runs the
     same number of forward passes (ZeRO-3 gathers weights collectively in each one); padding rows
-    carry weight 0."""
+    carry weight 0. With `desc`, rank 0 shows a progress bar of that name."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    for input_ids, w in eval_batches(val_blocks, micro_batch_size, gang, device, max_blocks):
+    count = len(val_blocks) if max_blocks is None else min(len(val_blocks), max_blocks)
+    shown = progress.bar(math.ceil(math.ceil(count / gang.world_size) / micro_batch_size), desc or "",
+                         show=bool(desc) and gang.rank == 0, unit="batch",
+                         iterable=eval_batches(val_blocks, micro_batch_size, gang, device, max_blocks))
+    for input_ids, w in shown:
         total += torch.stack([(sequence_losses(model, input_ids).double().cpu() * w).sum(), w.sum()])
     total = gang.all_reduce_sum(total)
     return (total[0] / total[1]).item()

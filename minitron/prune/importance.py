@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from minitron import progress
 from minitron.config import ConfigError
 from minitron.models.adapters import FamilyAdapter
 from minitron.eval.perplexity import evaluate
@@ -135,13 +136,15 @@ def collect_activation_stats(model, adapter: FamilyAdapter, blocks: np.ndarray, 
     stats = empty_stats(model.config, head_dim)
     model.eval()
     mine = np.arange(gang.rank, len(blocks), gang.world_size)
-    with _hooks(model, adapter, stats, seq_agg, mlp_activation, head_dim):
+    with _hooks(model, adapter, stats, seq_agg, mlp_activation, head_dim), \
+            progress.bar(len(blocks), "calibration", show=gang.rank == 0, unit="block") as shown:
         for start in range(0, len(mine), micro_batch_size):
             rows = mine[start:start + micro_batch_size]
             input_ids = torch.from_numpy(np.asarray(blocks[rows], dtype=np.int64)).to(device)
             model.base_model(input_ids=input_ids, use_cache=False)
             stats["samples"] += len(rows)
             stats["tokens"] += input_ids.numel()
+            shown.update(min(len(rows) * gang.world_size, len(blocks) - shown.n))  # every rank reads as many
     return _all_reduce(stats, gang)
 
 
@@ -191,7 +194,10 @@ def removal_losses(model, adapter: FamilyAdapter, val_blocks: np.ndarray, block_
     """[L - block_size + 1]: validation loss with layers [i, i + block_size) removed."""
     num_layers = len(model.get_submodule(adapter.layers))
     losses = []
-    for start in range(num_layers - block_size + 1):
+    starts = range(num_layers - block_size + 1)
+    what = "each layer" if block_size == 1 else f"each block of {block_size} layers"
+    for start in progress.bar(len(starts), f"depth: loss without {what}", show=gang.rank == 0, unit="eval",
+                              iterable=starts):
         with layers_removed(model, adapter, range(start, start + block_size)):
             losses.append(evaluate(model, val_blocks, micro_batch_size, gang, device, max_blocks))
     return torch.tensor(losses)

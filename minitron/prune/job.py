@@ -19,6 +19,7 @@ from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang
 from minitron.eval.perplexity import evaluate
+from minitron.logs import captured_output, is_log_file
 from minitron.models.adapters import adapter_for
 from minitron.models.weights import SafetensorsWeights, model_weights
 from minitron.models.build import (DTYPES, build_model, check_checkpoint_files, count_params, has_tokenizer,
@@ -26,7 +27,7 @@ from minitron.models.build import (DTYPES, build_model, check_checkpoint_files, 
 from minitron.prune import importance, scores
 from minitron.prune.shape import check_exportable, resolve_target, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
-from minitron.run import write_json_atomic
+from minitron.run import follow_umask, write_json_atomic
 from minitron.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def check_prune_inputs(cfg: PruneJobConfig):
         return teacher_cfg, adapter, shape, target
     check_prune_options(cfg.prune, calibrates=True)
     check_teacher_checkpoint(cfg, teacher_cfg)
-    if out.exists() and any(out.iterdir()) and not (out / "pruning.json").exists():
+    if out.exists() and any(not is_log_file(p) for p in out.iterdir()) and not (out / "pruning.json").exists():
         raise ConfigError(f"output_dir: {out} exists and is not a minitron pruning output; "
                           "choose a new directory")
     return teacher_cfg, adapter, shape, target
@@ -182,16 +183,17 @@ def dry_run(cfg, teacher_cfg, adapter, shape, target) -> dict:
 def export(student, tokenizer, out: Path, manifests: dict, config_yaml: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
     try:
-        student.save_pretrained(tmp)
+        with captured_output():  # accelerate's unwrap_model imports DeepSpeed, which announces itself
+            student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "prune_config.yaml").write_text(config_yaml)
         for name, obj in manifests.items():
             (tmp / name).write_text(format_json(obj))
-        if out.exists():  # a previous pruning output (check_prune_inputs refuses anything else)
+        follow_umask(tmp)
+        if out.exists():  # a previous pruning output or this run's log (check_prune_inputs refuses anything else)
+            for log_file in filter(is_log_file, out.iterdir()):
+                os.replace(log_file, tmp / log_file.name)  # the open log follows its file
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:

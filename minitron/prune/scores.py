@@ -90,7 +90,6 @@ def load_or_score(cfg, teacher, adapter: FamilyAdapter, data, gang, device: torc
             loss = torch.tensor([evaluate(teacher, data.val, p.calibration.micro_batch_size, gang, device,
                                           p.depth.eval_blocks)])
         else:
-            log.info("depth: validation loss with each block of %d layer(s) removed", size)
             loss = importance.removal_losses(teacher, adapter, data.val, size, p.calibration.micro_batch_size,
                                              gang, device, p.depth.eval_blocks)
         cached["removal_loss"][key] = loss

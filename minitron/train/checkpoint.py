@@ -51,6 +51,24 @@ def save(engine, root: Path, step: int, gang, keep: int) -> None:
     gang.barrier()
 
 
+def tidy_finished(root: Path, keep: int, continues: bool, gang) -> None:
+    """After a finished run's summary.json: its checkpoints serve only `resume=auto`, which has
+    nothing left to do, so they go, unless a later segment continues from them (`continues`) or
+    `train.keep_checkpoints=0` asked to keep every one. One line says what stayed or went."""
+    if gang.rank == 0 and root.is_dir():
+        tags = [tag_dir for _, tag_dir in _steps(root)]
+        size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        what = f"{len(tags)} checkpoint{'s' if len(tags) != 1 else ''} ({size / 1e6:,.1f} MB)"
+        if continues or keep == 0:
+            why = "the next segment resumes from it" if continues else "train.keep_checkpoints=0"
+            log.info("kept %s in %s (%s)", what, root, why)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            log.info("removed %s: the run is finished and the model exported (train.keep_checkpoints=0 "
+                     "keeps them)", what)
+    gang.barrier()
+
+
 def resume(engine, root: Path, mode: str, gang) -> int:
     """The step to start from: with resume=auto, the newest usable checkpoint's (restored into the
     engine), else 0. resume=never removes the previous run's checkpoints, which would otherwise

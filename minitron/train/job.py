@@ -16,7 +16,7 @@ from minitron.models.build import (build_model, check_checkpoint_files, count_pa
 from minitron.run import begin_training, export_model, start_run, stop_interrupted, write_json_atomic
 from minitron.train import checkpoint
 from minitron.train.loop import lm_loss, train_loop
-from minitron.train.schedule import build_optimizer
+from minitron.train.schedule import build_optimizer, schedule_length
 from minitron.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -91,5 +91,6 @@ def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
     tracker.finish()
     if gang.rank == 0:
         write_json_atomic(out / "summary.json", summary)
-    gang.barrier()
+    checkpoint.tidy_finished(ckpt_root, cfg.train.keep_checkpoints,
+                             result.steps < schedule_length(cfg.train), gang)
     return summary

@@ -9,8 +9,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from minitron import progress
 from minitron.config import TrainConfig
 from minitron.eval.perplexity import evaluate
 from minitron.train.schedule import schedule_length
@@ -45,8 +45,7 @@ def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: Tr
     eval_model = eval_model if eval_model is not None else engine
     seq_len = sampler.blocks.shape[1]
     tokens_per_step = cfg.global_batch_size * seq_len
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=gang.rank != 0, desc="train",
-               dynamic_ncols=True)
+    bar = progress.bar(cfg.max_steps, "train", show=gang.rank == 0, initial=start_step)
     train_loss, val_loss, means = float("nan"), float("nan"), {}
     timed_tokens, timed_seconds = 0, 0.0
     done, interrupted = start_step, None
@@ -77,7 +76,10 @@ def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: Tr
                 if done % cfg.log_every == 0 or "val/loss" in metrics or stopping:
                     tracker.log(metrics, step=done)
                 bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+                shown = {"loss": f"{train_loss:.3f}"}
+                if not math.isnan(val_loss):  # none until the first validation
+                    shown["val"] = f"{val_loss:.3f}"
+                bar.set_postfix(shown)
                 periodic = cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps
                 segment_end = done == cfg.max_steps < schedule_length(cfg)  # a later run continues it
                 if stopping or periodic or segment_end:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from minitron.config import LoggerConfig
+from minitron.logs import captured_output
 
 
 class NullTracker:
@@ -61,8 +62,9 @@ class WandbTracker:
             os.environ.setdefault(var, str(wandb_dir / ".wandb"))
         import wandb
 
-        self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
-                              mode=cfg.wandb.mode, dir=str(run_dir), config=config)
+        with captured_output():  # its banner and sync hints (its service process inherits the file)
+            self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
+                                  mode=cfg.wandb.mode, dir=str(run_dir), config=config)
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
@@ -78,7 +80,8 @@ class WandbTracker:
         self.run.log({name: wandb.Image(str(path))})
 
     def finish(self) -> None:
-        self.run.finish()
+        with captured_output():
+            self.run.finish()
 
 
 def _step_of(row: str) -> Optional[int]:

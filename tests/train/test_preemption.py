@@ -148,7 +148,7 @@ def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path, corpus_dir, 
 def test_damaged_checkpoints_are_skipped_for_the_newest_usable_one(tmp_path, corpus_dir, reference):
     out = tmp_path / "run"
     # A segment of the reference's schedule that stops at step 20, checkpointed at 10 and 20.
-    run_cli(args(corpus_dir, out, "train.max_steps=20", f"train.schedule_steps={STEPS}"))
+    run_cli(args(corpus_dir, out, "train.max_steps=20", f"train.schedule_steps={STEPS}", "train.keep_checkpoints=2"))
     checkpoints = out / "checkpoints"
 
     # Neither usable (the newest cut short mid-save, the older one's manifest damaged): one line
@@ -158,7 +158,7 @@ def test_damaged_checkpoints_are_skipped_for_the_newest_usable_one(tmp_path, cor
     newest.unlink()
     older.write_text("{")
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    proc = run_cli(args(corpus_dir, out, f"train.schedule_steps={STEPS}"), check=False)
+    proc = run_cli(args(corpus_dir, out, f"train.schedule_steps={STEPS}", "train.keep_checkpoints=2"), check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: resume: none of the 2 checkpoints"), proc.stderr[-2000:]
@@ -174,7 +174,7 @@ def test_damaged_checkpoints_are_skipped_for_the_newest_usable_one(tmp_path, cor
     size = states.stat().st_size
     with states.open("r+b") as f:
         f.truncate(size // 2)
-    proc = run_cli(args(corpus_dir, out, f"train.schedule_steps={STEPS}"))
+    proc = run_cli(args(corpus_dir, out, f"train.schedule_steps={STEPS}", "train.keep_checkpoints=2"))
     warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "step_00000020 is unusable" in line]
     assert len(warnings) == 1 and "mp_rank_00_model_states.pt" in warnings[0], proc.stdout[-3000:]
     assert f"{size // 2:,} bytes, {size:,} when saved" in warnings[0]
