@@ -14,6 +14,9 @@ from minitron.config import ConfigError, check_output_dir
 from minitron.train.stopping import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted, TrainingDiverged
 
 EXIT_CONFIG_ERROR = 2
+# A quick try of any command: every step count and evaluation size is capped (tests/test_readme.py
+# runs each README command this way). Unset in normal use.
+STEP_CAP_ENV = "MINITRON_STEP_CAP"
 
 
 def conf_dir() -> str:
@@ -98,6 +101,7 @@ def run_hydra(config_name: str, job: Callable, saved_config: Optional[str] = Non
     import hydra
 
     sys.argv[1:] = args = prepare_argv(sys.argv[1:])
+    register_resolvers()
     if "--help" in args or "-h" in args:  # this command's keys and groups, not Hydra's generic page
         from minitron.cli.help import command_help
 
@@ -109,6 +113,8 @@ def run_hydra(config_name: str, job: Callable, saved_config: Optional[str] = Non
     exit_on_known_errors(check_group_choices)(args, conf_dir())
     exit_on_known_errors(check_output_dir_arg)(args)
     cfg = rerun.compose(config_name, args, conf_dir())  # None for sweeps: each job has its own directory
+    if cfg is not None:
+        cap_steps(cfg)
     cleanup = lambda: None  # noqa: E731
     if cfg is not None:
         if saved_config:
@@ -123,6 +129,33 @@ def run_hydra(config_name: str, job: Callable, saved_config: Optional[str] = Non
         exit_on_known_errors(with_logging(job, config_name), on_config_error=cleanup))()
 
 
+def cap_steps(cfg) -> None:
+    """With $MINITRON_STEP_CAP=N: training steps (every section's), search budgets and candidates,
+    calibration samples and evaluation sizes at most N or a small multiple of it, in place (a dict
+    or a DictConfig)."""
+    cap = int(os.environ.get(STEP_CAP_ENV, "0"))
+    if cap <= 0:
+        return
+    limits = {"max_steps": cap, "search_steps": cap, "warmup_steps": cap // 2, "max_candidates": 2,
+              "num_samples": 4 * cap, "eval_blocks": 4 * cap, "blocks": 4 * cap, "limit": 4 * cap}
+    for key, value in list(cfg.items()):
+        if hasattr(value, "items"):
+            cap_steps(value)
+        elif key in limits and isinstance(value, int) and not isinstance(value, bool):
+            cfg[key] = min(value, limits[key])
+        elif key == "limit" and value is None:
+            cfg[key] = limits[key]
+
+
+def register_resolvers() -> None:
+    """The conf/ files' `${output_parent:...}` and `${output_name:...}`: a multirun job's directory
+    is the parent of output_dir joined with its last component, i.e. output_dir itself."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("output_parent", lambda path: str(Path(path).parent), replace=True)
+    OmegaConf.register_new_resolver("output_name", lambda path: Path(path).name, replace=True)
+
+
 def with_logging(job: Callable, command: str) -> Callable:
     """`job`, with this process's output routed (minitron/logs.py) into `<output_dir>/<command>.log`."""
     @functools.wraps(job)
@@ -131,6 +164,7 @@ def with_logging(job: Callable, command: str) -> Callable:
 
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
         logs.check_log_level(cfg.log_level)
+        cap_steps(cfg)
         log_file = logs.log_file_for(cfg.output_dir, command, rank)
         logs.setup(cfg.log_level, log_file, rank)
         started = time.perf_counter()

@@ -21,6 +21,7 @@ from minitron.data.corpus import check_source
 from minitron.data.tokenizer import check_tokenizer_files
 from minitron.dist.gang import world_size_from_env
 from minitron.eval.job import check_eval_options
+from minitron.logs import is_log_file
 from minitron.models.adapters import adapter_for
 from minitron.models.build import (check_checkpoint_files, count_params, has_tokenizer, local_checkpoint, max_positions,
                                    resolve_hf_config, weight_files)
@@ -180,7 +181,7 @@ def plan_pipeline(cfg: PipelineJobConfig) -> PipelinePlan:
     out = Path(cfg.output_dir)
     if out.is_file():
         raise ConfigError(f"output_dir: {out} is a file; choose a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "pipeline_config.yaml").is_file():
+    if out.is_dir() and any(not is_log_file(p) for p in out.iterdir()) and not (out / "pipeline_config.yaml").is_file():
         raise ConfigError(f"output_dir: {out} exists and is not a minitron pipeline; choose a new directory")
     return PipelinePlan(stages, teacher_config, teacher_params, targets)
 

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from minitron.config import (ConfigError, DistillJobConfig, LoggerConfig, SearchJobConfig, check_train_config)
 from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang, world_size_from_env
+from minitron.logs import is_log_file
 from minitron.models.adapters import FamilyAdapter, adapter_for
 from minitron.models.build import DTYPES, build_model, resolve_hf_config
 from minitron.models.weights import model_weights
@@ -131,7 +132,7 @@ def _check_output_dir(cfg: SearchJobConfig) -> None:
         if differs:
             raise ConfigError(f"output_dir: {out} holds a search with another {differs}; its candidates' results "
                               "would not compare, choose a new output_dir")
-    elif out.exists() and any(p.name != "multirun" for p in out.iterdir()):
+    elif out.exists() and any(p.name != "multirun" and not is_log_file(p) for p in out.iterdir()):
         raise ConfigError(f"output_dir: {out} exists and is not a minitron search; choose a new directory")
 
 
