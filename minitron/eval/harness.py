@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from minitron.config import ConfigError
+from minitron.logs import captured_output
 
 LOCAL_TASKS = ("python_next_line",)
 TASKS_DIR = Path(__file__).with_name("tasks")
@@ -150,13 +151,14 @@ def _first_line(error: Exception) -> str:
 @contextlib.contextmanager
 def _quiet():
     """lm-eval at WARNING (it logs every step at INFO) and no `datasets` progress bars, restored
-    afterwards: the caller's terminal shows its own progress, not the harness's internals."""
+    afterwards: the caller's terminal shows its own progress, not the harness's internals. Its
+    own tqdm bars and its `git describe` stderr go to the run's log file."""
     import datasets
 
     bars = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
-        with _log_level(logging.WARNING):
+        with _log_level(logging.WARNING), captured_output():
             yield
     finally:
         if bars:

@@ -150,10 +150,12 @@ def write_report(out: Path, rows: List[dict], logger_cfg) -> Path:
     os.replace(tmp, out / "report.md")
     tracker = make_tracker(logger_cfg, out, {"models": len(rows)}, rank=0)
     cells = table(rows)
+    # The step-0 row first: W&B refuses (and warns about) a step below one it has logged, and the
+    # table and images take the next steps.
+    tracker.log({f"pipeline/{r['name']}/{r['kind']}/val_ppl": r["val_ppl"] for r in rows
+                 if math.isfinite(r["val_ppl"])}, step=0)
     tracker.log_table("pipeline/models", cells[0], cells[1:])
     tracker.log_image("pipeline/loss_vs_tokens", out / "loss_vs_tokens.png")
     tracker.log_image("pipeline/params_vs_ppl", out / "params_vs_ppl.png")
-    tracker.log({f"pipeline/{r['name']}/{r['kind']}/val_ppl": r["val_ppl"] for r in rows
-                 if math.isfinite(r["val_ppl"])}, step=0)
     tracker.finish()
     return out / "report.md"
