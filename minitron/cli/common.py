@@ -163,7 +163,6 @@ def with_logging(job: Callable, command: str) -> Callable:
         from minitron import logs
 
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-        logs.check_log_level(cfg.log_level)
         cap_steps(cfg)
         log_file = logs.log_file_for(cfg.output_dir, command, rank)
         logs.setup(cfg.log_level, log_file, rank)

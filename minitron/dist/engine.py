@@ -84,5 +84,6 @@ def place_frozen(model: torch.nn.Module, train_config: Dict[str, Any], device: t
     keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
             "zero_optimization", "bf16", "steps_per_print", "wall_clock_breakdown")
     with captured_output():
-        engine, _, _, _ = deepspeed.initialize(model=model, config={k: train_config[k] for k in keep if k in train_config})
+        engine, _, _, _ = deepspeed.initialize(model=model,
+                                               config={k: train_config[k] for k in keep if k in train_config})
     return engine, engine.module
