@@ -139,10 +139,11 @@ class TrainConfig:
     """Validation blocks used per evaluation (the same blocks every time, whatever the rank count)."""
     save_every: int = 100
     """DeepSpeed checkpoint every N steps (0: never)."""
-    keep_checkpoints: int = 1
-    """How many of the newest checkpoints stay on disk while the run goes on; once it finishes they
-    are removed (resuming it has nothing left to do), except at the end of a segment that a later
-    run continues (`schedule_steps`). 0 keeps every checkpoint, also after the run."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints stay on disk while the run goes on (2: the newest, and the
+    one before should the newest be damaged); once it finishes they are removed (resuming it has
+    nothing left to do), except at the end of a segment that a later run continues
+    (`schedule_steps`). 0 keeps every checkpoint, also after the run."""
     log_every: int = 1
     """Training loss and throughput to metrics.jsonl (and the logger) every N steps."""
 
