@@ -23,6 +23,7 @@ _SELF_HANDLED = ("DeepSpeed", "deepspeed", "lm-eval", "lm_eval", "wandb")
 
 _log_file: Optional[Path] = None
 _debug = False
+_replaced: list = []  # (logger, handlers it had, level, propagate) before setup, for teardown
 
 
 class _LazyFileHandler(logging.FileHandler):
@@ -61,19 +62,19 @@ def setup(level: str, log_file: Path, rank: int) -> None:
     warnings and errors only), everything to `log_file` (appended to, so a resumed run adds to it)."""
     global _log_file, _debug
     check_log_level(level)
+    teardown()
     _log_file, _debug = log_file, level == "debug"
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    root, ours = logging.getLogger(), logging.getLogger("minitron")
+    for logger in (root, ours):
+        _replaced.append((logger, list(logger.handlers), logger.level, logger.propagate))
+        for handler in list(logger.handlers):  # Hydra's console handler on root among them
+            logger.removeHandler(handler)
     root.setLevel(logging.DEBUG if _debug else logging.INFO)
     to_file = _LazyFileHandler(log_file)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(to_file)
     logging.captureWarnings(True)
 
-    ours = logging.getLogger("minitron")
-    for handler in list(ours.handlers):
-        ours.removeHandler(handler)
     terminal_level = getattr(logging, level.upper())
     if rank != 0:
         terminal_level = max(terminal_level, logging.WARNING)
@@ -90,6 +91,23 @@ def setup(level: str, log_file: Path, rank: int) -> None:
     ours.setLevel(logging.DEBUG if _debug else logging.INFO)
     ours.propagate = True
     _quiet_libraries()
+
+
+def teardown() -> None:
+    """Undo `setup` (close the log file, give root and the minitron logger back their handlers
+    and levels): for callers that run several commands in one process. A command's own process
+    keeps the routing to its end, when libraries still log (W&B's shutdown)."""
+    global _log_file, _debug
+    while _replaced:
+        logger, handlers, level, propagate = _replaced.pop()
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+    _log_file, _debug = None, False
 
 
 def _quiet_libraries() -> None:

@@ -215,7 +215,7 @@ def build_model(cfg: ModelConfig, hf_config, seed: int, dtype: torch.dtype = tor
     from transformers import AutoModelForCausalLM
 
     attn = choose_attn_implementation(cfg.attn_implementation)
-    log.info("attention implementation: %s", attn)
+    log.debug("attention implementation: %s", attn)
     if cfg.path and cfg.init == "pretrained":
         path = Path(cfg.path).expanduser()
         model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else cfg.path, dtype=dtype,

@@ -304,15 +304,28 @@ def finish(cfg, plan: Plan, rows, dirs, zero_shot, results, rounds, tokens_per_s
         report.plot(out / "search.png", ranked, winner["name"], plan.teacher_sizes.params, teacher_loss)
         _copy_winner(dirs[order[0]] / "pruned", out / "winner")
         tracker = make_tracker(cfg.logger, out, {"budgets": _budgets(cfg), "candidates": len(rows)}, gang.rank)
-        tracker.log_table("search/candidates", report.COLUMNS, report.table_rows(ranked))
-        tracker.log_image("search/params_vs_loss", out / "search.png")
+        # The step-0 row first: W&B refuses (and warns about) a step below one it has logged.
         tracker.log({"search/winner_val_loss": winner["distill_val_loss"], "search/distill_tokens": tokens,
                      **{f"search/tau/{k}": v for k, v in taus.items() if v is not None}}, step=0)
+        tracker.log_table("search/candidates", report.COLUMNS, report.table_rows(ranked))
+        tracker.log_image("search/params_vs_loss", out / "search.png")
         tracker.finish()
         write_json_atomic(out / "summary.json", summary)
+        _remove_candidate_checkpoints(dirs)
     gang.barrier()
     summary["table"] = report.format_table(rows)
     return summary
+
+
+def _remove_candidate_checkpoints(dirs: List[Path]) -> None:
+    """The candidates' distillation checkpoints serve only a round still to run; a finished search
+    keeps their results (steps_*.json) and the winner, and says what it freed."""
+    roots = [d / "distill" / "checkpoints" for d in dirs if (d / "distill" / "checkpoints").is_dir()]
+    size = sum(f.stat().st_size for root in roots for f in root.rglob("*") if f.is_file())
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
+    if roots:
+        log.info("removed the checkpoints of %d candidates (%.1f MB): the search is finished", len(roots), size / 1e6)
 
 
 def _copy_winner(source: Path, dest: Path) -> None:

@@ -369,6 +369,8 @@ def run_entry_point(monkeypatch, capfd):
     mistake must be found before any of them (and this process must stay a single-process one)."""
     from hydra.core.global_hydra import GlobalHydra
 
+    from minitron import logs
+
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(var, raising=False)
 
@@ -401,6 +403,7 @@ def run_entry_point(monkeypatch, capfd):
             status = e.code
         finally:
             GlobalHydra.instance().clear()
+            logs.teardown()  # the job's log file and minitron's terminal handler and level
             # Hydra configured logging for the job: put the test session's back.
             for handler in root.handlers:
                 if handler not in handlers:
