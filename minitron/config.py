@@ -447,6 +447,11 @@ class EvalConfig:
     """At most this many items of each task; unset: all."""
     batch_size: int = 8
     """lm-eval's batch size."""
+    sample_prompt: str = "def "
+    """The model's greedy continuation of this prompt is kept in summary.json (and shown by
+    minitron-eval and the pipeline's report); empty: none."""
+    sample_tokens: int = 48
+    """Tokens of that continuation (0: none)."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """Shared fixtures: a small real-text corpus, CLI runners, and an offline environment."""
+import ast
 import json
 import os
 import subprocess
@@ -76,6 +77,19 @@ def embedded_pipeline(tmp_path_factory):
 def embedded_teacher(embedded_pipeline) -> Path:
     """The pipeline's embedded teacher run: summary.json, metrics.jsonl and model/."""
     return next((embedded_pipeline[0] / "teacher").glob("embedded-*"))
+
+
+def reads_as_python(sample: str) -> bool:
+    """A def line with a name and parameters that parses, then a body indented below it (the last
+    line may be cut mid-token, so only the lines before it count)."""
+    header, *body = sample.splitlines()
+    try:
+        tree = ast.parse(header.strip() + "\n    pass")
+    except SyntaxError:
+        return False
+    indent = len(header) - len(header.lstrip())
+    return (isinstance(tree.body[0], ast.FunctionDef) and len(body) >= 2
+            and all(len(line) - len(line.lstrip()) > indent for line in body[:-1] if line.strip()))
 
 
 PRUNE = [sys.executable, "-m", "minitron.cli.prune"]

@@ -8,6 +8,7 @@ from minitron.config import register_schemas
 
 def _eval(cfg: DictConfig) -> None:
     from minitron.eval.job import run_eval_job
+    from minitron.eval.sample import format_sample
 
     summary = run_eval_job(OmegaConf.to_object(cfg), OmegaConf.to_yaml(cfg, resolve=True))
     if os.environ.get("RANK", "0") != "0":
@@ -16,6 +17,8 @@ def _eval(cfg: DictConfig) -> None:
                     for task, scores in summary["tasks"].items())
     print(f"val_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "
           f"params {summary['params']:,}{tasks}", flush=True)
+    if "sample" in summary:
+        print(format_sample("the model", cfg.eval.sample_prompt, summary["sample"]), flush=True)
 
 
 def main() -> None:

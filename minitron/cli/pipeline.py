@@ -14,9 +14,13 @@ def _pipeline(cfg: DictConfig) -> None:
         return
     if summary["table"]:
         print(summary["table"], flush=True)
+    if summary["samples"]:
+        print(summary["samples"], flush=True)
     skipped = f"; skipped (already done): {', '.join(summary['stages_skipped'])}" if summary["stages_skipped"] else ""
-    where = summary.get("report") or os.path.join(OmegaConf.select(cfg, "output_dir"), "summary.json")
-    print(f"pipeline done: {where}{skipped}", flush=True)
+    if "report" in summary:
+        print(f"report: {summary['report']}{skipped}", flush=True)
+    else:
+        print(f"summary: {os.path.join(OmegaConf.select(cfg, 'output_dir'), 'summary.json')}{skipped}", flush=True)
 
 
 def main() -> None:

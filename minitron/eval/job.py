@@ -16,6 +16,7 @@ from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang
 from minitron.eval import harness
 from minitron.eval.perplexity import evaluate
+from minitron.eval.sample import greedy_sample
 from minitron.models.build import (build_model, check_checkpoint_files, has_tokenizer, local_checkpoint, max_positions,
                                    resolve_hf_config, weight_files)
 from minitron.run import write_json_atomic
@@ -28,6 +29,8 @@ def check_eval_options(e: EvalConfig) -> None:
     for key in ("blocks", "micro_batch_size", "batch_size"):
         if getattr(e, key) < 1:
             raise ConfigError(f"eval.{key}: must be at least 1, got {getattr(e, key)}")
+    if e.sample_tokens < 0:
+        raise ConfigError(f"eval.sample_tokens: must be at least 0, got {e.sample_tokens}")
     if e.limit is not None and e.limit < 1:
         raise ConfigError(f"eval.limit: must be at least 1 or unset, got {e.limit}")
     harness.check_tasks(list(e.tasks))
@@ -72,6 +75,8 @@ def evaluate_model(model, tokenizer, val_blocks, e: EvalConfig, gang, device, se
             tasks = harness.run_tasks(model, tokenizer, list(e.tasks), batch_size=e.batch_size, limit=e.limit,
                                       device=str(device), seed=seed)
         result["tasks"] = gang.broadcast_object(tasks)
+    if e.sample_prompt and e.sample_tokens > 0:
+        result["sample"] = greedy_sample(model, tokenizer, e.sample_prompt, e.sample_tokens)
     result["seconds"] = time.perf_counter() - started
     return result
 

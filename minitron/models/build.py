@@ -48,6 +48,15 @@ def resolve_hf_config(cfg: ModelConfig, vocab_size: int, key: str = "model"):
         raise ConfigError(f"model.family: unknown transformers model type {cfg.family!r}") from None
 
 
+def with_tokenizer_ids(hf_config, tokenizer):
+    """A preset's config with the tokenizer's special token ids in place of transformers'
+    placeholders (bos 1, eos 2), so the exported model's generate() stops at the real EOS. Not
+    pad_token_id: Llama makes it the embedding's padding_idx, whose row would never train, and our
+    pad is the EOS that separates documents."""
+    hf_config.update({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
+    return hf_config
+
+
 def config_json(path: str, key: str = "model") -> Path:
     """A checkpoint's config.json on disk: a local directory's, or a hub name's fetched alone (so
     it can be read before transformers sees it)."""

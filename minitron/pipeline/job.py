@@ -101,10 +101,11 @@ def run_pipeline_job(cfg: PipelineJobConfig, config_yaml: str) -> dict:
                "world_size": gang.world_size}
     if gang.rank == 0:
         if "report" in plan.stages and rows:
-            summary["report"] = str(report.write_report(out, rows, cfg.logger).resolve())
+            summary["report"] = str(report.write_report(out, rows, cfg.logger, cfg.eval.sample_prompt).resolve())
         write_json_atomic(out / "summary.json", summary)
     gang.barrier()
     summary["table"] = report.format_table(rows) if rows else ""
+    summary["samples"] = report.samples(rows, cfg.eval.sample_prompt, kinds=("teacher", "distilled"))
     return summary
 
 

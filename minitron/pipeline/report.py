@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import List
 
+from minitron.eval.sample import format_sample
+
 KIND_STYLE = {"teacher": ("tab:green", "*"), "pruned": ("tab:red", "x"), "distilled": ("tab:blue", "o")}
 
 
@@ -40,6 +42,12 @@ def markdown_table(rows: List[dict]) -> str:
     cells = table(rows)
     lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
     return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in cells[1:]])
+
+
+def samples(rows: List[dict], prompt: str, kinds=("teacher", "pruned", "distilled")) -> str:
+    """The greedy samples the eval stage kept (eval.sample_prompt), of the rows of these kinds."""
+    return "\n".join(format_sample(f"{r['name']} ({r['kind']})", prompt, r["sample"])
+                     for r in rows if "sample" in r and r["kind"] in kinds)
 
 
 def loss_curve(run_dir: str) -> List[tuple]:
@@ -128,7 +136,7 @@ def plot_params_vs_ppl(path: Path, rows: List[dict]) -> None:
     _save(fig, path)
 
 
-def write_report(out: Path, rows: List[dict], logger_cfg) -> Path:
+def write_report(out: Path, rows: List[dict], logger_cfg, prompt: str) -> Path:
     """report.md, loss_vs_tokens.png and params_vs_ppl.png in `out`, and the same in W&B."""
     from minitron.train.tracking import make_tracker
 
@@ -144,6 +152,8 @@ def write_report(out: Path, rows: List[dict], logger_cfg) -> Path:
              "![parameters against perplexity](params_vs_ppl.png)", "", "## Models", ""]
     for r in rows:
         lines.append(f"- {r['name']} ({r['kind']}, {shape_of(r['path'])}): `{r['path']}`")
+    if any("sample" in r for r in rows):
+        lines += ["", "## Greedy samples", "", "```", samples(rows, prompt), "```"]
     text = "\n".join(lines) + "\n"
     tmp = out / ".report.md.tmp"
     tmp.write_text(text)

@@ -12,7 +12,7 @@ from minitron.data.sampler import BlockSampler
 from minitron.dist.engine import deepspeed_config, initialize
 from minitron.dist.gang import world_size_from_env
 from minitron.models.build import (build_model, check_checkpoint_files, count_params, has_tokenizer, max_positions,
-                                   resolve_hf_config)
+                                   resolve_hf_config, with_tokenizer_ids)
 from minitron.run import begin_training, export_model, start_run, stop_interrupted, write_json_atomic
 from minitron.train import checkpoint
 from minitron.train.loop import lm_loss, train_loop
@@ -48,7 +48,7 @@ def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
             raise ConfigError(f"data.tokenizer: {len(tokenizer)} tokens do not fit the model's "
                               f"vocabulary of {hf_config.vocab_size}")
     else:
-        hf_config = resolve_hf_config(cfg.model, vocab_size=len(tokenizer))
+        hf_config = with_tokenizer_ids(resolve_hf_config(cfg.model, vocab_size=len(tokenizer)), tokenizer)
     params = count_params(hf_config)
     log.info("model: %s parameters; data: %d train / %d val blocks of %d tokens (cache %s)",
              f"{params:,}", len(data.train), len(data.val), cfg.data.seq_len, data.cache_dir)

@@ -51,7 +51,7 @@ def test_other_settings_are_refused_before_anything_is_written(train_run):
     proc = run_cli([*args, "train.lr=1e-3"], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"error: output_dir: {out} holds a finished run with other settings (train.lr: 0.002 here, 0.001 now); "
+        f"error: output_dir: {out} holds a finished run with other settings (train.lr: 0.003 here, 0.001 now); "
         "choose another output_dir, or set resume=never to replace it")
     assert files(out) == before
 

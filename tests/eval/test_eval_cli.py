@@ -28,6 +28,8 @@ def test_eval_writes_perplexity_and_the_local_task(tiny_teacher, corpus_dir, tmp
     scores = summary["tasks"]["python_next_line"]
     assert 0 <= scores["acc"] <= 1 and 0 <= scores["acc_norm"] <= 1 and scores["acc_stderr"] > 0
     assert "python_next_line acc" in proc.stdout
+    assert summary["sample"].startswith("def ")  # eval.sample_prompt's default
+    assert "the model, greedy from 'def ':\n  | def " in proc.stdout
 
     # The same 12 validation blocks through the full logits in float64.
     val = torch.from_numpy(open_blocks(Path(summary["data_cache"]), "val")[:12].astype("int64"))

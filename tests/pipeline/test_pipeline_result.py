@@ -1,10 +1,14 @@
 """README command 1, as written (only output_dir differs): the embedded pipeline pretrains the
 default teacher, searches a half and a quarter of it, distils both, evaluates every model on the
-same validation blocks and prints the table. Distillation must pay: each distilled student beats
+same validation blocks and prints the table and the teacher's greedy sample, which reads as
+Python. Distillation must pay: each distilled student beats
 its pruned-only version by a wide margin, and the report holds what the table says."""
 import json
 
 import pytest
+
+from conftest import reads_as_python
+from minitron.eval.sample import format_sample
 
 
 @pytest.mark.slow
@@ -28,7 +32,13 @@ def test_embedded_pipeline_distilled_students_beat_their_pruned_versions(embedde
     header = next(i for i, line in enumerate(lines) if line[:3] == ["model", "kind", "params"])
     printed = {(line[0], line[1]): float(line[4]) for line in lines[header + 1:header + 1 + len(rows)]}
     assert printed == {key: pytest.approx(r["val_ppl"], abs=0.006) for key, r in rows.items()}
+    # Then the greedy samples of the teacher and the distilled students; the teacher's reads as Python.
+    sample = rows[("teacher", "teacher")]["sample"]
+    assert reads_as_python(sample), sample
+    shown = format_sample("teacher (teacher)", "def ", sample)
+    assert shown in stdout and stdout.index(shown) > stdout.index("quarter  distilled")
     report = (out / "report.md").read_text()
+    assert shown in report
     for (name, kind), r in rows.items():
         assert f"| {name} | {kind} | {r['params'] / 1e6:,.2f}M | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |" in report
     for plot in ("loss_vs_tokens.png", "params_vs_ppl.png"):
