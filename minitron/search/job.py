@@ -325,7 +325,8 @@ def _remove_candidate_checkpoints(dirs: List[Path]) -> None:
     for root in roots:
         shutil.rmtree(root, ignore_errors=True)
     if roots:
-        log.info("removed the checkpoints of %d candidates (%.1f MB): the search is finished", len(roots), size / 1e6)
+        log.info("removed the checkpoints of %d candidate%s (%.1f MB): the search is finished", len(roots),
+                 "" if len(roots) == 1 else "s", size / 1e6)
 
 
 def _copy_winner(source: Path, dest: Path) -> None:
