@@ -1,8 +1,8 @@
 """README command 1, as written (only output_dir differs): the embedded pipeline pretrains the
 default teacher, searches a half and a quarter of it, distils both, evaluates every model on the
 same validation blocks and prints the table and the teacher's greedy sample, which reads as
-Python. Distillation must pay: each distilled student beats
-its pruned-only version by a wide margin, and the report holds what the table says."""
+Python. Distillation must pay: each distilled student beats its pruned-only version by a wide
+margin, and the report holds what the table says."""
 import json
 
 import pytest
