@@ -113,10 +113,9 @@ def run_hydra(config_name: str, job: Callable, saved_config: Optional[str] = Non
     exit_on_known_errors(check_group_choices)(args, conf_dir())
     exit_on_known_errors(check_output_dir_arg)(args)
     cfg = rerun.compose(config_name, args, conf_dir())  # None for sweeps: each job has its own directory
-    if cfg is not None:
-        cap_steps(cfg)
     cleanup = lambda: None  # noqa: E731
     if cfg is not None:
+        cap_steps(cfg)  # compared with a finished run's saved config as the job will see it
         if saved_config:
             done = exit_on_known_errors(rerun.finished_already)(cfg, saved_config)
             if done:

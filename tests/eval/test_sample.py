@@ -50,7 +50,7 @@ def test_trained_models_stop_at_the_tokenizers_eos(tiny_teacher):
     for name in ("config.json", "generation_config.json"):
         config = json.loads((tiny_teacher / name).read_text())
         assert config["eos_token_id"] == tok.eos_token_id and config["bos_token_id"] == tok.bos_token_id, name
-    assert "pad_token_id" not in config or config["pad_token_id"] is None  # not the embedding's padding_idx
+        assert config.get("pad_token_id") is None, name  # not the embedding's padding_idx
 
 
 def test_format_sample_keeps_indentation_behind_a_gutter():
