@@ -44,7 +44,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     """Share one matrix between the input embedding and the output layer (lm_head)."""
     attn_implementation: str = "auto"
-    """`auto` picks flash_attention_2 when flash-attn imports and a GPU is present, else sdpa."""
+    """`auto` picks flash_attention_2 when flash-attn imports and a GPU is present, else sdpa (eager
+    for families without SDPA support: Gemma 2)."""
     init: str = "pretrained"
     """pretrained: load the weights at `path`; random: keep its architecture, initialise from `seed`."""
     trust_remote_code: bool = False

@@ -13,6 +13,7 @@ from torch import nn
 from minitron.distill.fused import chunked_logit_loss
 from minitron.distill.hidden import capture_hidden_states
 from minitron.distill.losses import hidden_state_loss
+from minitron.models.adapters import logit_softcap
 
 
 @dataclass
@@ -22,6 +23,8 @@ class TeacherOutputs:
     """[B, T, K] final normed hidden states (logits are made from them chunk by chunk)."""
     head_weight: torch.Tensor
     """[V', K] the teacher's full (gathered) lm_head weight."""
+    softcap: Optional[float] = None
+    """The teacher's final logit soft-cap (Gemma), None when its logits are lm_head(h)."""
     hidden: Dict[int, torch.Tensor] = field(default_factory=dict)
     """Resolved hidden-state index -> [B, T, K], for the intermediate losses."""
 
@@ -53,7 +56,9 @@ class Distiller(nn.Module):
         teacher_hidden = teacher.final_hidden[:, :-1].flatten(0, 1) if teacher is not None else None
         loss, parts = chunked_logit_loss(hidden, self.student.get_output_embeddings().weight, teacher_hidden,
                                          teacher.head_weight if teacher is not None else None, targets,
-                                         self.vocab_size, self.logit_spec, self.chunk_tokens)
+                                         self.vocab_size, self.logit_spec, self.chunk_tokens,
+                                         student_softcap=logit_softcap(self.student.config),
+                                         teacher_softcap=teacher.softcap if teacher is not None else None)
         extras = {}
         if self.logit_spec.divergence != "none":
             extras["kd"] = parts["kd"]

@@ -11,11 +11,15 @@ is `losses.token_losses` under autograd, so every divergence and option of the p
 works here; the default (plain forward KL) takes a path without autograd: in place on CPU, a
 Triton kernel on GPU (triton_kl.py).
 
+Families whose logits are soft-capped (Gemma 2 and 3: c * tanh(lm_head(h) / c)) pass their caps:
+each chunk's logits are capped before the loss, and the gradient goes back through the cap
+(times 1 - tanh^2) before it is folded into the hidden states and weight.
+
 Correct under ZeRO-3 as long as the caller passes full (gathered) weights: the gradient for the
 weight is returned to autograd whole, and DeepSpeed partitions it as usual. With tied embeddings
 the weight is the embedding matrix and autograd adds both gradients.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -25,7 +29,7 @@ from minitron.distill import losses, triton_kl
 class _ChunkedLogitLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, targets, vocab_size,
-                spec, chunk_tokens):
+                spec, chunk_tokens, student_softcap, teacher_softcap):
         num_tokens = student_hidden.shape[0]
         kl_with_grad = (triton_kl.forward_kl_with_grad if triton_kl.use_triton(spec.kernel, student_hidden.device)
                         else forward_kl_with_grad)
@@ -38,16 +42,26 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             rows = slice(start, start + chunk_tokens)
             h = student_hidden[rows]
             teacher_logits = teacher_hidden[rows] @ w_teacher.T if w_teacher is not None else None
+            if teacher_softcap and teacher_logits is not None:
+                teacher_logits = softcapped(teacher_logits.float(), teacher_softcap)
             logits = h @ w_student.T
             if is_plain_forward_kl(spec):
+                tanh = None
+                if student_softcap:
+                    tanh = torch.tanh(logits.float().div_(student_softcap))
+                    logits = tanh * student_softcap
                 kd, grad_logits = kl_with_grad(logits, teacher_logits, spec.temperature, spec.scale_by_t2)
                 del logits  # only the gradient (made in place of the student's probabilities) lives on
+                if tanh is not None:  # d(c tanh(z / c))/dz = 1 - tanh^2
+                    grad_logits.mul_(tanh.square_().neg_().add_(1))
+                    del tanh
                 grad_logits = grad_logits.div_(num_tokens).to(h.dtype)
                 ce, chunk_loss = None, kd.sum() / num_tokens
             else:
                 with torch.enable_grad():
                     logits.requires_grad_()
-                    kd, ce = losses.token_losses(logits, teacher_logits, targets[rows], spec)
+                    capped = softcapped(logits, student_softcap) if student_softcap else logits
+                    kd, ce = losses.token_losses(capped, teacher_logits, targets[rows], spec)
                     chunk_loss = losses.combine_token_losses(kd, ce, spec).sum() / num_tokens
                     (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
             grad_hidden[rows] = grad_logits @ w_student
@@ -68,7 +82,12 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         if grad_loss.item() != 1.0:
             grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
             grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+def softcapped(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap), as Gemma 2 and 3 bound their final logits."""
+    return torch.tanh(logits / cap) * cap
 
 
 def is_plain_forward_kl(spec) -> bool:
@@ -104,8 +123,10 @@ def _log_softmax_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def chunked_logit_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                        teacher_hidden, teacher_weight, targets: torch.Tensor, vocab_size: int, spec,
-                       chunk_tokens: int = 1024) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Mean over the N tokens of `losses.combine_token_losses` for logits `hidden @ weight[:vocab].T`.
+                       chunk_tokens: int = 1024, student_softcap: Optional[float] = None,
+                       teacher_softcap: Optional[float] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Mean over the N tokens of `losses.combine_token_losses` for logits `hidden @ weight[:vocab].T`,
+    soft-capped by each model's cap when it has one.
 
     student_hidden [N, H] and student_weight [V, H] get gradients; teacher_hidden [N, K] and
     teacher_weight [V', K] are constants (both None when the spec has no divergence term).
@@ -113,5 +134,5 @@ def chunked_logit_loss(student_hidden: torch.Tensor, student_weight: torch.Tenso
     Returns the loss and its detached parts {"kd", "ce"} (means over tokens).
     """
     loss, means = _ChunkedLogitLoss.apply(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                          targets, vocab_size, spec, chunk_tokens)
+                                          targets, vocab_size, spec, chunk_tokens, student_softcap, teacher_softcap)
     return loss, {"kd": means[1], "ce": means[2]}

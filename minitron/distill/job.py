@@ -23,7 +23,8 @@ from minitron.distill.distiller import Distiller
 from minitron.distill.hidden import make_projection, resolve_index
 from minitron.distill.losses import DIVERGENCES
 from minitron.distill.teacher import Teacher, freeze
-from minitron.eval.perplexity import PLAIN_LM_HEAD, evaluate
+from minitron.eval.perplexity import evaluate
+from minitron.models.adapters import ADAPTERS
 from minitron.models.build import (DTYPES, build_model, check_checkpoint_files, count_params, has_tokenizer,
                                    local_checkpoint, max_positions, resolve_hf_config, weight_files)
 from minitron.run import begin_training, export_model, start_run, stop_interrupted, write_json_atomic
@@ -55,9 +56,9 @@ def check_distill_inputs(cfg: DistillJobConfig, world_size: int):
         cfg.teacher.path = local_checkpoint(cfg.teacher.path, key="teacher")
     student_cfg = resolve_hf_config(cfg.student, vocab_size=0, key="student")
     for key, hf in (("teacher", teacher_cfg), ("student", student_cfg)):
-        if hf is not None and hf.model_type not in PLAIN_LM_HEAD:
+        if hf is not None and hf.model_type not in ADAPTERS:
             raise ConfigError(f"{key}.path: model type {hf.model_type!r} is not supported by the fused logit loss "
-                              f"(logits = lm_head(final hidden state)); supported: {', '.join(PLAIN_LM_HEAD)}")
+                              f"(logits = lm_head(final hidden state)); supported: {', '.join(sorted(ADAPTERS))}")
     cfg.student.path = local_checkpoint(cfg.student.path, key="student")
     if cfg.student.init == "pretrained" and not weight_files(cfg.student.path):
         raise ConfigError(f"student.path: {cfg.student.path} has a config.json but no weights "

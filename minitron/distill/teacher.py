@@ -11,6 +11,7 @@ import torch
 
 from minitron.distill.distiller import TeacherOutputs
 from minitron.distill.hidden import capture_hidden_states
+from minitron.models.adapters import logit_softcap
 
 
 class Teacher:
@@ -37,6 +38,7 @@ class Teacher:
         head = self.model.get_output_embeddings().weight
         with self.full_parameters([head]):
             yield TeacherOutputs(final_hidden=caught[final], head_weight=head,
+                                 softcap=logit_softcap(self.model.config),
                                  hidden={i: caught[i] for i in self.hidden_indices})
 
 

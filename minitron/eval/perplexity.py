@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from minitron import progress
+from minitron.distill.fused import softcapped
+from minitron.models.adapters import ADAPTERS, logit_softcap
 
 
 @torch.no_grad()
@@ -47,22 +49,25 @@ def eval_batches(val_blocks: np.ndarray, micro_batch_size: int, gang, device: to
                torch.from_numpy(weights[start:start + micro_batch_size]))
 
 
-# Families whose logits are exactly lm_head(final hidden states): their loss is computed over
-# chunks of tokens, so [batch x seq x vocab] float32 logits never exist at once (16 GB for 8
-# sequences of 4096 tokens over a 128k vocabulary).
-PLAIN_LM_HEAD = ("llama", "mistral", "qwen2", "qwen3")
 LOSS_CHUNK_TOKENS = 1024
 
 
 def sequence_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """[batch] mean next-token cross-entropy of each sequence (float32)."""
+    """[batch] mean next-token cross-entropy of each sequence (float32). For the families minitron
+    has an adapter for, whose logits are lm_head(final hidden states), soft-capped or not, the loss
+    is computed over chunks of tokens, so [batch x seq x vocab] float32 logits never exist at once
+    (16 GB for 8 sequences of 4096 tokens over a 128k vocabulary)."""
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    if getattr(module.config, "model_type", None) not in PLAIN_LM_HEAD:
+    if getattr(module.config, "model_type", None) not in ADAPTERS:
         logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
         return F.cross_entropy(logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none").mean(1)
     hidden = module.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
     targets = input_ids[:, 1:].flatten()
-    head = module.get_output_embeddings()
-    per_token = torch.cat([F.cross_entropy(head(h).float(), t, reduction="none")
+    head, cap = module.get_output_embeddings(), logit_softcap(module.config)
+
+    def logits(h):
+        return softcapped(head(h).float(), cap) if cap else head(h).float()
+
+    per_token = torch.cat([F.cross_entropy(logits(h), t, reduction="none")
                            for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
     return per_token.view(input_ids.shape[0], -1).mean(1)

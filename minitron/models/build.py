@@ -4,6 +4,7 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -210,12 +211,15 @@ def count_params(hf_config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def choose_attn_implementation(requested: str = "auto") -> str:
+def choose_attn_implementation(requested: str = "auto") -> Optional[str]:
+    """What to ask transformers for. None leaves the choice to transformers: SDPA where the family
+    supports it, eager attention otherwise (Gemma 2, whose attention logit soft-cap SDPA cannot
+    apply)."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return None
 
 
 def build_model(cfg: ModelConfig, hf_config, seed: int, dtype: torch.dtype = torch.float32):
@@ -224,7 +228,6 @@ def build_model(cfg: ModelConfig, hf_config, seed: int, dtype: torch.dtype = tor
     from transformers import AutoModelForCausalLM
 
     attn = choose_attn_implementation(cfg.attn_implementation)
-    log.debug("attention implementation: %s", attn)
     if cfg.path and cfg.init == "pretrained":
         path = Path(cfg.path).expanduser()
         model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else cfg.path, dtype=dtype,
@@ -233,4 +236,5 @@ def build_model(cfg: ModelConfig, hf_config, seed: int, dtype: torch.dtype = tor
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn,
                                                  trust_remote_code=cfg.trust_remote_code)
+    log.debug("attention implementation: %s", model.config._attn_implementation)
     return model

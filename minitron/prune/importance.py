@@ -3,7 +3,7 @@
 One pass over the calibration blocks, with hooks, collects for every layer:
   - attention heads: the L2 norm over head_dim of each head's output (the input of o_proj);
   - MLP neurons: the input of down_proj (post-activation) or the gate projection's output (pre);
-  - embedding channels: the outputs of the layer's two norms;
+  - embedding channels: the outputs of the layer's two norms on the residual stream;
   - the hidden state entering every layer and leaving the last, for block importance
     (1 - cos(input, output), arXiv 2403.03853 / 2408.11796) of every contiguous block.
 Each sample's activations are first reduced over its tokens (`seq_agg`), then accumulated as
@@ -111,7 +111,8 @@ def _hooks(model, adapter: FamilyAdapter, stats, seq_agg: str, mlp_activation: s
                 lambda _m, args, i=i: _accumulate(stats["mlp"][i], seq_aggregate(args[0], seq_agg))))
         else:
             handles.append(layer.get_submodule(adapter.mlp_preactivation).register_forward_hook(
-                lambda _m, _args, out, i=i: _accumulate(stats["mlp"][i], seq_aggregate(out, seq_agg))))
+                lambda _m, _args, out, i=i: _accumulate(stats["mlp"][i],
+                                                         seq_aggregate(adapter.preactivation(out), seq_agg))))
         for n, norm in enumerate(adapter.norms):
             handles.append(layer.get_submodule(norm).register_forward_hook(
                 lambda _m, _args, out, i=i, n=n: _accumulate(stats["hidden"][i, n], seq_aggregate(out, seq_agg))))

@@ -23,6 +23,8 @@ class Kept:
     heads: List[List[int]]
     """Query-head indices."""
     kv_heads: List[List[int]] = field(default_factory=list)
+    teacher: Optional[Shape] = None
+    """The teacher's shape: where each part of a fused weight starts (not saved in the manifest)."""
 
     def as_dict(self) -> dict:
         return {"layers": self.layers, "hidden": self.hidden, "mlp": self.mlp, "heads": self.heads,
@@ -82,4 +84,5 @@ def select_kept(scores: Dict[str, torch.Tensor], teacher: Shape, target: Shape, 
         mlp=[_top(scores["mlp"][i], target.ffn_hidden_size, rng) for i in layers],
         heads=[h for h, _ in heads],
         kv_heads=[g for _, g in heads],
+        teacher=teacher,
     )

@@ -4,9 +4,9 @@ Every student tensor is the teacher's tensor (from the kept layer it replaces) i
 axes the family adapter names, copied straight into the student's parameter. The teacher's
 tensors come from a Mapping: an in-memory model's (`models.weights.model_weights`) or its
 checkpoint files read one tensor at a time (`SafetensorsWeights`), in which case the teacher need
-not be in memory at all and the peak is the student plus one teacher tensor. Buffers (rotary
-frequencies) depend only on head_dim and the rope settings, which never change: copied when the
-source has them, else the student's own are already the same.
+not be in memory at all and the peak is the student plus one teacher tensor. Buffers are not
+copied: they are not saved either (rotary frequencies, Gemma's embedding scale), so the student's
+own, computed from its config, are what the exported checkpoint will have.
 """
 import re
 from contextlib import nullcontext
@@ -14,8 +14,9 @@ from typing import Mapping
 
 import torch
 
-from minitron.models.adapters import FamilyAdapter
+from minitron.models.adapters import Axis, FamilyAdapter
 from minitron.prune.select import Kept
+from minitron.prune.shape import Shape
 
 
 def _axis_indices(kept: Kept, layer: int, head_dim: int) -> dict:
@@ -29,10 +30,27 @@ def _axis_indices(kept: Kept, layer: int, head_dim: int) -> dict:
     return out
 
 
-def sliced(tensor: torch.Tensor, axes, indices: dict) -> torch.Tensor:
+def teacher_axis_sizes(teacher: Shape, head_dim: int) -> dict:
+    return {"hidden": teacher.hidden_size, "mlp": teacher.ffn_hidden_size,
+            "q": teacher.num_attention_heads * head_dim, "kv": teacher.num_key_value_heads * head_dim}
+
+
+def dimension_indices(axis: Axis, indices: dict, teacher_sizes: dict) -> torch.Tensor:
+    """The kept positions along one dimension; a fused dimension's parts follow one another, each
+    part's kept indices offset by the teacher's sizes of the parts before it."""
+    if isinstance(axis, str):
+        return indices[axis]
+    parts, offset = [], 0
+    for part in axis:
+        parts.append(indices[part] + offset)
+        offset += teacher_sizes[part]
+    return torch.cat(parts)
+
+
+def sliced(tensor: torch.Tensor, axes, indices: dict, teacher_sizes: dict = None) -> torch.Tensor:
     for dim, axis in enumerate(axes):
         if axis is not None:
-            tensor = tensor.index_select(dim, indices[axis].to(tensor.device))
+            tensor = tensor.index_select(dim, dimension_indices(axis, indices, teacher_sizes).to(tensor.device))
     return tensor
 
 
@@ -56,15 +74,13 @@ def prune_model(weights: Mapping[str, torch.Tensor], adapter: FamilyAdapter, kep
         student = AutoModelForCausalLM.from_config(student_cfg, dtype=dtype,
                                                    attn_implementation=attn_implementation)
     student.tie_weights()  # no_init_weights also skips tying; tied embeddings must stay one tensor
+    sizes = teacher_axis_sizes(kept.teacher, student_cfg.head_dim) if kept.teacher is not None else None
     for name, param in student.named_parameters():
         axes, layer = adapter.axes_of(name)
         indices = _axis_indices(kept, layer, student_cfg.head_dim)
-        param.copy_(sliced(weights[_teacher_name(name, kept.layers, layer)], axes, indices))
-    for name, buf in student.named_buffers():
-        layer = re.match(r"model\.layers\.(\d+)\.", name)
-        source = _teacher_name(name, kept.layers, int(layer.group(1)) if layer else None)
-        if source in weights:
-            buf.copy_(weights[source])
+        param.copy_(sliced(weights[_teacher_name(name, kept.layers, layer)], axes, indices, sizes))
+    if adapter.adjust_weights is not None:
+        adapter.adjust_weights(kept.teacher, student)
     student.eval()
     return student
 

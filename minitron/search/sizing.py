@@ -8,12 +8,12 @@ space is sized in seconds.
 """
 from dataclasses import dataclass
 from math import prod
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
 from minitron.config import ConfigError
-from minitron.models.adapters import FamilyAdapter
+from minitron.models.adapters import Axis, FamilyAdapter
 from minitron.models.build import head_dim_of
 from minitron.prune.shape import Shape
 
@@ -32,7 +32,7 @@ class Sizes:
                 "memory_gb": self.memory_gb, "flops_per_token": self.flops_per_token}
 
 
-Entry = Tuple[Tuple[int, ...], Tuple[Optional[str], ...], str]  # teacher shape, axes, role
+Entry = Tuple[Tuple[int, ...], Tuple[Axis, ...], str]  # teacher shape, axes, role
 
 
 class Sizer:
@@ -68,7 +68,8 @@ class Sizer:
 
     def _numel(self, entry: Entry, sizes: Dict[str, int]) -> int:
         shape, axes, _ = entry
-        return prod(sizes[a] if a is not None else n for n, a in zip(shape, axes))
+        return prod(n if a is None else sizes[a] if isinstance(a, str) else sum(sizes[part] for part in a)
+                    for n, a in zip(shape, axes))
 
     def sizes(self, s: Shape) -> Sizes:
         axis = {"hidden": s.hidden_size, "mlp": s.ffn_hidden_size, "q": s.num_attention_heads * self.head_dim,

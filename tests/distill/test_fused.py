@@ -60,21 +60,59 @@ def test_chunked_equals_full_logits(s):
         assert_close_rel(parts["kd"], kd.mean())
 
 
-def _tiny(model_type="llama", vocab=67, hidden=32, layers=3, tie=False, seed=0):
+CAPPED = [spec(), spec(divergence="reverse_kl", temperature=2.0, top_k=5, ce_weight=0.5),
+          spec(divergence="none", ce_weight=1.0)]
+
+
+@pytest.mark.parametrize("s", CAPPED, ids=lambda s: f"{s.divergence}-k{s.top_k}-ce{s.ce_weight}")
+@pytest.mark.parametrize("caps", [(2.0, 3.0), (1.5, None), (None, 2.5)], ids=str)
+def test_chunked_with_final_logit_softcaps_equals_full_capped_logits(s, caps):
+    """Gemma's logits are c * tanh(lm_head(h) / c); the caps (low enough that most logits bend)
+    are applied per chunk, and the gradient goes back through them."""
+    student_cap, teacher_cap = caps
+    g = torch.Generator().manual_seed(1)
+    n, h, k, vocab = 37, 16, 24, 40
+    hs = torch.randn(n, h, generator=g).requires_grad_()
+    ws = torch.randn(vocab, h, generator=g).requires_grad_()
+    ht, wt = torch.randn(n, k, generator=g), torch.randn(vocab + 2, k, generator=g)
+    if s.divergence == "none":
+        ht = wt = None
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    loss, _ = chunked_logit_loss(hs, ws, ht, wt, targets, vocab, s, chunk_tokens=8,
+                                 student_softcap=student_cap, teacher_softcap=teacher_cap)
+    grads = torch.autograd.grad(loss, (hs, ws))
+
+    def capped(logits, cap):
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    student_logits = capped(hs @ ws.T, student_cap)
+    assert student_cap is None or (student_logits.abs() > 0.5 * student_cap).float().mean() > 0.5
+    kd, ce = losses.token_losses(student_logits, capped(ht @ wt[:vocab].T, teacher_cap) if ht is not None else None,
+                                 targets, s)
+    ref = losses.combine_token_losses(kd, ce, s).mean()
+    assert_close_rel(loss, ref)
+    for got, want in zip(grads, torch.autograd.grad(ref, (hs, ws))):
+        assert_close_rel(got, want)
+
+
+def _tiny(model_type="llama", vocab=67, hidden=32, layers=3, tie=False, seed=0, **extra):
     cfg = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=48,
                                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                               head_dim=8, max_position_embeddings=32, tie_word_embeddings=tie)
+                               head_dim=8, max_position_embeddings=32, tie_word_embeddings=tie, **extra)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_distiller_equals_naive_loss_on_model_logits(tie):
+@pytest.mark.parametrize("family, tie", [("llama", False), ("llama", True), ("gemma2", True)],
+                         ids=["untied", "tied", "gemma2-softcapped"])
+def test_distiller_equals_naive_loss_on_model_logits(family, tie):
     """The whole student forward (hidden-state capture, projection, chunked loss) against full
-    logits from the models' own forward: loss and every parameter's gradient."""
+    logits from the models' own forward: loss and every parameter's gradient. Gemma 2's own
+    forward soft-caps its logits (caps low enough to bend them), the fused loss must too."""
     vocab = 60  # the shared tokenizer; both models carry padded vocabularies
-    teacher = freeze(_tiny(vocab=71, hidden=48, layers=4, seed=1))
-    student = _tiny(vocab=64, hidden=32, layers=2, tie=tie, seed=2)
+    extra = dict(final_logit_softcapping=0.5, query_pre_attn_scalar=8) if family == "gemma2" else {}
+    teacher = freeze(_tiny(family, vocab=71, hidden=48, layers=4, seed=1, **extra))
+    student = _tiny(family, vocab=64, hidden=32, layers=2, tie=tie, seed=2, **extra)
     s = spec(temperature=2.0, ce_weight=0.4)
     pairs = [(0, 0), (1, 2)]
     projection = make_projection(32, 48, kept_hidden=None, seed=0)

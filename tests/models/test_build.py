@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -29,10 +31,13 @@ def test_preset_sizes():
     assert 4e6 <= count_params(resolve_hf_config(preset("small"), vocab_size=4096)) <= 8e6
 
 
-def test_attention_is_sdpa_without_a_gpu():
+def test_attention_is_sdpa_without_a_gpu_and_eager_where_the_family_has_no_sdpa():
     assert not torch.cuda.is_available()
-    assert choose_attn_implementation("auto") == "sdpa"
     assert choose_attn_implementation("eager") == "eager"
+    for family, want in (("llama", "sdpa"), ("gemma2", "eager")):
+        cfg = dataclasses.replace(preset("tiny"), family=family)
+        hf_config = resolve_hf_config(cfg, vocab_size=320)
+        assert build_model(cfg, hf_config, seed=1).config._attn_implementation == want
 
 
 def test_local_checkpoint_round_trip(tmp_path):

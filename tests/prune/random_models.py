@@ -11,6 +11,19 @@ FAMILIES = {
     "qwen2": dict(model_type="qwen2", num_attention_heads=8, num_key_value_heads=2,
                   use_sliding_window=True, sliding_window=8, max_window_layers=2),
     "qwen3": dict(model_type="qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=12),
+    # LayerNorm with bias (weight applied as 1 + w), squared-ReLU MLP, half the head_dim rotated.
+    "nemotron": dict(model_type="nemotron", num_attention_heads=8, num_key_value_heads=2, head_dim=12),
+    # Four norms per layer, scaled tied embeddings, attention and final logit soft-caps set low
+    # enough to bite, alternating sliding-window layers.
+    "gemma2": dict(model_type="gemma2", num_attention_heads=8, num_key_value_heads=2, head_dim=12,
+                   query_pre_attn_scalar=10, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   sliding_window=8),
+    "gemma3_text": dict(model_type="gemma3_text", num_attention_heads=8, num_key_value_heads=2, head_dim=12,
+                        query_pre_attn_scalar=10, final_logit_softcapping=3.0, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention"] * 2),
+    # Fused qkv_proj and gate_up_proj.
+    "phi3": dict(model_type="phi3", num_attention_heads=8, num_key_value_heads=2,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
 
 

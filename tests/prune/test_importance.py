@@ -107,3 +107,36 @@ def test_removal_loss_equals_a_model_built_without_the_layers():
                               attn_implementation="eager")
         want = evaluate(smaller, val, 4, LocalGang(), CPU, 6)
         assert losses[start].item() == pytest.approx(want, rel=1e-6)
+
+
+# family -> (module whose output row 5 is neuron 5's pre-activation, the two residual-stream norms,
+# the weight value that zeroes a norm's output channel)
+HOOKED = {
+    "nemotron": ("mlp.up_proj", ("input_layernorm", "post_attention_layernorm"), -1.0),  # 1 + w
+    "gemma2": ("mlp.gate_proj", ("input_layernorm", "pre_feedforward_layernorm"), -1.0),
+    "gemma3_text": ("mlp.gate_proj", ("input_layernorm", "pre_feedforward_layernorm"), -1.0),
+    "phi3": ("mlp.gate_up_proj", ("input_layernorm", "post_attention_layernorm"), 0.0),  # gate rows first
+}
+
+
+@pytest.mark.parametrize("family", sorted(HOOKED))
+def test_hooks_read_each_familys_preactivations_and_residual_norms(family):
+    preactivation, norms, zero = HOOKED[family]
+    model = random_model(family)
+    base = scores_from_stats(stats_of(model, mlp_activation="pre"), "l2")
+    with torch.no_grad():
+        model.model.layers[3].get_submodule(preactivation).weight[5] *= 3
+    planted = scores_from_stats(stats_of(model, mlp_activation="pre"), "l2")
+    torch.testing.assert_close(planted["mlp"][3, 5], 3 * base["mlp"][3, 5], rtol=1e-5, atol=0)
+    torch.testing.assert_close(planted["mlp"][3, 6:], base["mlp"][3, 6:], rtol=1e-5, atol=0)
+
+    model = random_model(family)
+    with torch.no_grad():
+        for block in model.model.layers:
+            for norm in norms:
+                block.get_submodule(norm).weight[7] = zero
+                bias = getattr(block.get_submodule(norm), "bias", None)
+                if bias is not None:
+                    bias[7] = 0
+    hidden = scores_from_stats(stats_of(model), "l2")["hidden"]
+    assert hidden[7] == 0 and (hidden > 0).sum() == model.config.hidden_size - 1

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import PRUNE, compose_job, run_cli
 from minitron.config import ConfigError
+from minitron.models.adapters import adapter_for
+from minitron.models.build import count_params
 from minitron.prune.job import check_prune_inputs, run_prune_job
+from minitron.prune.shape import Shape
+from minitron.search.sizing import Sizer
 
 PRUNE_PY = str(Path(__file__).resolve().parents[2] / "minitron" / "cli" / "prune.py")
 SHAPE = ["prune.export.hidden_size=48", "prune.export.ffn_hidden_size=96",
@@ -135,6 +139,53 @@ def test_dry_run_reproduces_published_minitron_sizes_from_a_config_alone(tmp_pat
     assert summary["student_config"]["head_dim"] == 128
 
 
+# Nemotron-4 15B (arXiv 2402.16819): 3.2B embedding and 12.5B non-embedding parameters.
+NEMOTRON_4_15B = {
+    "architectures": ["NemotronForCausalLM"], "model_type": "nemotron", "hidden_size": 6144,
+    "intermediate_size": 24576, "num_hidden_layers": 32, "num_attention_heads": 48, "num_key_value_heads": 8,
+    "head_dim": 128, "vocab_size": 256000, "max_position_embeddings": 4096, "hidden_act": "relu2",
+    "partial_rotary_factor": 0.5, "norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+# The Minitron models' published shapes (arXiv 2407.14679; the nvidia/Minitron-*-Base model cards):
+# width pruned only, KV heads and head_dim kept.
+MINITRON = {"8B": {"hidden_size": 4096, "intermediate_size": 16384, "num_attention_heads": 48},
+            "4B": {"hidden_size": 3072, "intermediate_size": 9216, "num_attention_heads": 32}}
+
+
+def nemotron_config(**shape):
+    fields = {k: v for k, v in NEMOTRON_4_15B.items() if k not in ("model_type", "architectures")}
+    return AutoConfig.for_model("nemotron", **{**fields, **shape})
+
+
+@pytest.mark.parametrize("name, billions, non_embedding", [("8B", 8.3, 6.2), ("4B", 4.4, 2.8)])
+def test_nemotron_dry_run_reproduces_the_minitron_models_from_a_config_alone(tmp_path, name, billions,
+                                                                           non_embedding):
+    teacher = tmp_path / "nemotron-4-15b"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(NEMOTRON_4_15B))
+    shape = MINITRON[name]
+    run_prune_job(compose_job("prune", f"model.path={teacher}", f"output_dir={tmp_path / 'out'}",
+                              "prune.dry_run=true", f"prune.export.hidden_size={shape['hidden_size']}",
+                              f"prune.export.ffn_hidden_size={shape['intermediate_size']}",
+                              f"prune.export.num_attention_heads={shape['num_attention_heads']}"), config_yaml="")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    teacher_config = nemotron_config()
+    assert summary["teacher_params"] == count_params(teacher_config)
+    assert summary["student_params"] == count_params(nemotron_config(**shape))
+    embedding = 2 * 256000 * shape["hidden_size"]  # untied input and output embeddings
+    assert round(summary["teacher_params"] / 1e9, 1) == 15.6
+    assert round((summary["teacher_params"] - 2 * 256000 * 6144) / 1e9, 1) == 12.5
+    assert round(summary["student_params"] / 1e9, 1) == billions
+    assert round((summary["student_params"] - embedding) / 1e9, 1) == non_embedding
+    student = summary["student_config"]
+    assert (student["head_dim"], student["num_key_value_heads"]) == (128, 8)
+    # The search's sizing, a sum over the adapter's axes, agrees with the meta build.
+    sizes = Sizer(teacher_config, adapter_for(teacher_config), "bf16", 4096, 1).sizes(
+        Shape(shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"], 8, 32))
+    assert sizes.params == summary["student_params"]
+    assert sizes.non_embedding_params == summary["student_params"] - embedding
+
+
 def gpt2_config(tmp_path):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
@@ -155,7 +206,7 @@ BAD = [
      "prune.export.hidden_size: transformers refuses this llama shape (50 hidden, 4 heads): The hidden size (50) "
      "is not a multiple of the number of attention heads (4)"),
     (lambda t, d, tmp: [f"model.path={gpt2_config(tmp)}"],
-     "model.path: model type 'gpt2' has no pruning adapter; supported: llama, mistral, qwen2, qwen3"),
+     "model.path: model type 'gpt2' has no pruning adapter; supported: gemma2, gemma3_text, llama, mistral, nemotron, phi3, qwen2, qwen3"),
     (lambda t, d, tmp: [f"model.path={tmp}"], "model.path: {tmp} is not a Hugging Face checkpoint"),
     (lambda t, d, tmp: [f"model.path={tmp / 'missing'}"], "model.path: no such directory"),
     (lambda t, d, tmp: [], "model.path: set it"),

@@ -96,7 +96,59 @@ def test_qwen2_per_layer_attention_types_follow_kept_layers():
     assert student.config.max_window_layers == sum(i < 2 for i in kept.layers)
 
 
-@pytest.mark.parametrize("family", ["llama_tied_bias", "qwen2"])
+class KeptChannels(nn.Module):
+    """A norm over the residual stream that sees only the kept channels: the norm, with its
+    weights sliced, applied to them, and zeros in the pruned channels."""
+
+    def __init__(self, norm: nn.Module, kept: torch.Tensor):
+        super().__init__()
+        self.norm, self.kept = copy.deepcopy(norm), kept
+        with torch.no_grad():
+            for name, p in list(self.norm.named_parameters()):
+                setattr(self.norm, name, nn.Parameter(p[kept]))
+        if isinstance(self.norm, nn.LayerNorm):
+            self.norm.normalized_shape = (len(kept),)
+
+    def forward(self, x):
+        return torch.zeros_like(x).index_copy(-1, self.kept, self.norm(x[..., self.kept]))
+
+
+def hidden_masked_reference(teacher, kept):
+    """The teacher with the pruned embedding channels held at zero all the way through: zero
+    embedding columns, zero output rows of every projection that writes the residual stream, and
+    every hidden-width norm computed over the kept channels only."""
+    ref = copy.deepcopy(teacher)
+    hidden = ref.config.hidden_size
+    pruned = torch.ones(hidden, dtype=torch.bool)
+    pruned[kept.hidden] = False
+    kept_idx = torch.tensor(kept.hidden)
+    with torch.no_grad():
+        ref.get_input_embeddings().weight[:, pruned] = 0
+        for name, module in list(ref.named_modules()):
+            if name.endswith(("o_proj", "down_proj")):
+                module.weight[pruned] = 0
+                if module.bias is not None:
+                    module.bias[pruned] = 0
+            elif "norm" in name.rsplit(".", 1)[-1] and not name.endswith(("q_norm", "k_norm")):
+                assert module.weight.shape == (hidden,), name
+                parent, _, child = name.rpartition(".")
+                setattr(ref.get_submodule(parent), child, KeptChannels(module, kept_idx))
+    return ref
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hidden_pruning_equals_teacher_with_pruned_channels_held_at_zero(family):
+    teacher = random_model(family)
+    student, kept = prune(teacher, PruneExportConfig(hidden_size=40, ffn_hidden_size=56, num_layers=3))
+    assert student.config.hidden_size == 40
+    reference = masked_reference(hidden_masked_reference(teacher, kept), kept, head_dim_of(teacher.config))
+    with torch.no_grad():
+        want = reference(INPUT, use_cache=False).logits
+        got = student(INPUT, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama_tied_bias", "qwen2", "nemotron", "gemma2", "gemma3_text", "phi3"])
 def test_export_round_trip_and_cached_generation(tmp_path, family):
     teacher = random_model(family)
     export = PruneExportConfig(hidden_size=48, ffn_hidden_size=40, num_attention_heads=4, num_layers=2)
@@ -137,9 +189,12 @@ def test_unset_targets_keep_the_teacher_and_mha_stays_mha():
     assert resolve_target(mha, PruneExportConfig(num_attention_heads=2)).num_key_value_heads == 2
 
 
-def test_model_type_without_adapter_lists_the_supported_ones():
-    with pytest.raises(ConfigError, match="^model.path: model type 'gpt2' has no pruning adapter; supported: llama"):
-        adapter_for(AutoConfig.for_model("gpt2"))
+@pytest.mark.parametrize("model_type", ["gpt2", "t5"])  # no adapter; an encoder-decoder
+def test_model_type_without_adapter_lists_the_supported_ones(model_type):
+    supported = "gemma2, gemma3_text, llama, mistral, nemotron, phi3, qwen2, qwen3"
+    with pytest.raises(ConfigError, match=f"^model.path: model type '{model_type}' has no pruning adapter; "
+                                          f"supported: {supported}$"):
+        adapter_for(AutoConfig.for_model(model_type))
 
 
 @pytest.mark.parametrize("family", ["llama_tied_bias", "qwen2"])
