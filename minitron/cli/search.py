@@ -15,7 +15,9 @@ def _search(cfg: DictConfig) -> None:
     if "table" in summary:
         print(summary["table"], flush=True)
     if summary.get("dry_run"):
-        print(f"{summary['num_listed']} candidates meet the budgets ({summary['num_chosen']} would be ranked); "
+        listed = summary["num_listed"]
+        meet = "candidates meet" if listed != 1 else "candidate meets"
+        print(f"{listed} {meet} the budgets ({summary['num_chosen']} would be ranked); "
               f"teacher {summary['teacher_params']:,} parameters", flush=True)
     elif "winner" in summary:
         w = summary["winner"]

@@ -206,7 +206,8 @@ BAD = [
      "prune.export.hidden_size: transformers refuses this llama shape (50 hidden, 4 heads): The hidden size (50) "
      "is not a multiple of the number of attention heads (4)"),
     (lambda t, d, tmp: [f"model.path={gpt2_config(tmp)}"],
-     "model.path: model type 'gpt2' has no pruning adapter; supported: gemma2, gemma3_text, llama, mistral, nemotron, phi3, qwen2, qwen3"),
+     "model.path: model type 'gpt2' has no pruning adapter; "
+     "supported: gemma2, gemma3_text, llama, mistral, nemotron, phi3, qwen2, qwen3"),
     (lambda t, d, tmp: [f"model.path={tmp}"], "model.path: {tmp} is not a Hugging Face checkpoint"),
     (lambda t, d, tmp: [f"model.path={tmp / 'missing'}"], "model.path: no such directory"),
     (lambda t, d, tmp: [], "model.path: set it"),
