@@ -210,6 +210,11 @@ class PruneExportConfig:
     teacher stays MHA (it follows num_attention_heads)."""
     num_layers: Optional[int] = None
     """Layers kept; which go is decided by prune.depth.*."""
+    num_experts: Optional[int] = None
+    """Mixture of experts: experts kept per layer (each layer its most important; the router's
+    rows follow, and num_experts_per_tok is lowered to it if above)."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Mixture of experts: FFN neurons kept in each expert (each expert its own most important)."""
 
 
 @dataclass

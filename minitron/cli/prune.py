@@ -13,6 +13,9 @@ def _prune(cfg: DictConfig) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     line = f"teacher {summary['teacher_params']:,} -> student {summary['student_params']:,} parameters"
+    if "student_active_params" in summary:
+        line += (f" ({summary['teacher_active_params']:,} -> {summary['student_active_params']:,} active "
+                 "per token)")
     if not summary.get("dry_run"):
         line += (f"  val_loss {summary['teacher_val_loss']:.4f} -> {summary['student_val_loss']:.4f}"
                  f"  model {summary['output_model']}")

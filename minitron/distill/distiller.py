@@ -13,7 +13,7 @@ from torch import nn
 from minitron.distill.fused import chunked_logit_loss
 from minitron.distill.hidden import capture_hidden_states
 from minitron.distill.losses import hidden_state_loss
-from minitron.models.adapters import logit_softcap
+from minitron.models.adapters import ADAPTERS, logit_softcap
 
 
 @dataclass
@@ -46,9 +46,15 @@ class Distiller(nn.Module):
         self.hidden_weight = hidden_weight
 
     def forward(self, input_ids: torch.Tensor, teacher: Optional[TeacherOutputs] = None):
-        """(loss, extras): extras are detached scalars to log (kd, ce, each hidden loss, weight)."""
+        """(loss, extras): extras are detached scalars to log (kd, ce, each hidden loss, weight, and a
+        mixture of experts' router loss)."""
+        config = self.student.config
+        moe = ADAPTERS[config.model_type].moe
+        aux_coef = getattr(config, "router_aux_loss_coef", 0.0) if moe is not None else 0.0
         with capture_hidden_states(self.student, [s for s, _ in self.pairs]) as student_hidden:
-            final = self.student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            out = self.student.base_model(input_ids=input_ids, use_cache=False,
+                                          **({"output_router_logits": True} if aux_coef else {}))
+            final = out.last_hidden_state
         # Position t predicts token t+1: the last position has no target for the cross-entropy,
         # and is left out of the divergence too, so both average over the same tokens.
         hidden = final[:, :-1].flatten(0, 1)
@@ -75,4 +81,9 @@ class Distiller(nn.Module):
             loss = loss + weight * hidden_total
             extras.update({f"hidden_{s}_{t}": term.detach() for (s, t), term in zip(self.pairs, terms)})
             extras["hidden_weight"] = torch.as_tensor(weight).detach()
+        if aux_coef:
+            # The router's load-balancing loss, weighted as the family's own training forward weighs it.
+            aux = moe.router_aux_loss(config, out.router_logits)
+            loss = loss + aux_coef * aux
+            extras["router_aux"] = aux.detach()
         return loss, extras

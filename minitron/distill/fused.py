@@ -60,7 +60,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             else:
                 with torch.enable_grad():
                     logits.requires_grad_()
-                    capped = softcapped(logits, student_softcap) if student_softcap else logits
+                    capped = softcapped(logits.float(), student_softcap) if student_softcap else logits
                     kd, ce = losses.token_losses(capped, teacher_logits, targets[rows], spec)
                     chunk_loss = losses.combine_token_losses(kd, ce, spec).sum() / num_tokens
                     (grad_logits,) = torch.autograd.grad(chunk_loss, logits)

@@ -58,7 +58,8 @@ def check_distill_inputs(cfg: DistillJobConfig, world_size: int):
     for key, hf in (("teacher", teacher_cfg), ("student", student_cfg)):
         if hf is not None and hf.model_type not in ADAPTERS:
             raise ConfigError(f"{key}.path: model type {hf.model_type!r} is not supported by the fused logit loss "
-                              f"(logits = lm_head(final hidden state)); supported: {', '.join(sorted(ADAPTERS))}")
+                              f"(logits = lm_head(final hidden state), soft-capped or not); "
+                              f"supported: {', '.join(sorted(ADAPTERS))}")
     cfg.student.path = local_checkpoint(cfg.student.path, key="student")
     if cfg.student.init == "pretrained" and not weight_files(cfg.student.path):
         raise ConfigError(f"student.path: {cfg.student.path} has a config.json but no weights "

@@ -6,8 +6,9 @@ Adding a family is one `ADAPTERS` entry. It must state:
   - `axes`: every parameter the transformers model has (a name not listed is refused when the
     teacher is sized), with the axis of each dimension:
       `hidden` model width, `q` query heads x head_dim, `kv` key/value heads x head_dim,
-      `mlp` FFN neurons, None for a dimension that is never pruned (the vocabulary, head_dim of
-      per-head norms). A fused weight names its parts in order: Phi-3's qkv_proj rows are
+      `mlp` FFN neurons, `expert` experts and `moe` each expert's FFN neurons (mixtures of
+      experts), None for a dimension that is never pruned (the vocabulary, head_dim of per-head
+      norms). A fused weight names its parts in order: Phi-3's qkv_proj rows are
       ("q", "kv", "kv"), its gate_up_proj rows ("mlp", "mlp").
   - the modules importance hooks read: `attn_output` (input = concatenated per-head outputs),
     `mlp_output` (input = post-activation neurons), `mlp_preactivation` (output = pre-activation
@@ -18,6 +19,8 @@ Adding a family is one `ADAPTERS` entry. It must state:
   - `adjust_weights` when a student of a narrower width must change weights to compute what the
     teacher computes (Gemma's embedding scale follows hidden_size).
   - `logit_softcap`: the final logit soft-cap, when logits are not just lm_head(h).
+  - `moe`: for a mixture of experts, the config entries with the expert count and width and the
+    router and experts modules; `check_config` for layouts the entry does not cover.
 Then add a tiny config to tests/prune/random_models.py: the slicing, export and generation tests
 run over every family listed there.
 
@@ -74,6 +77,31 @@ _LLAMA_AXES: Dict[str, Tuple[Axis, ...]] = {**_OUTER, **_ATTENTION, **_GATED_MLP
 
 
 @dataclass(frozen=True)
+class MixtureOfExperts:
+    """Where a sparse MLP keeps its experts. The layout transformers uses for Mixtral and
+    Qwen3-MoE: a router whose weight has one row per expert and returns (logits, top-k weights,
+    top-k expert indices), and an experts module called with (tokens, top-k indices, top-k
+    weights) that holds every expert's `gate_up_proj` [E, 2F, H] and `down_proj` [E, H, F]."""
+    num_experts_key: str
+    """Config entry with the number of experts."""
+    ffn_key: str
+    """Config entry with each expert's FFN width."""
+    router: str = "mlp.gate"
+    experts: str = "mlp.experts"
+    module: str = ""
+    """The transformers module (models.<module>.modeling_<module>) with the family's router loss."""
+
+    def router_aux_loss(self, config, router_logits) -> torch.Tensor:
+        """The family's load-balancing loss over the layers' router logits (unscaled: the caller
+        multiplies by config.router_aux_loss_coef, as the family's own forward does)."""
+        import importlib
+
+        family = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
+        return family.load_balancing_loss_func(router_logits, getattr(config, self.num_experts_key),
+                                               config.num_experts_per_tok)
+
+
+@dataclass(frozen=True)
 class FamilyAdapter:
     model_type: str
     axes: Dict[str, Tuple[Axis, ...]]
@@ -98,6 +126,10 @@ class FamilyAdapter:
     final_norm: str = "model.norm"
     logit_softcap: Callable[[object], Optional[float]] = lambda config: None
     """fn(config): c when logits are c * tanh(lm_head(h) / c), else None."""
+    moe: Optional[MixtureOfExperts] = None
+    """Set for a family whose every MLP is a mixture of experts (then no dense `mlp` axis)."""
+    check_config: Optional[Callable] = None
+    """fn(config) -> a reason this checkpoint's layout is not supported, or None."""
 
     def axes_of(self, name: str) -> Tuple[Tuple[Axis, ...], Optional[int]]:
         """(axes, layer index or None) for a parameter name; KeyError if unknown."""
@@ -157,6 +189,19 @@ _PHI3_AXES = {
     _LAYER + "mlp.down_proj.weight": ("hidden", "mlp"),
 }
 
+_EXPERTS = {
+    _LAYER + "mlp.gate.weight": ("expert", "hidden"),  # the router: one row per expert
+    _LAYER + "mlp.experts.gate_up_proj": ("expert", ("moe", "moe"), "hidden"),
+    _LAYER + "mlp.experts.down_proj": ("expert", "hidden", "moe"),
+}
+
+
+def _qwen3_moe_dense_layers(config) -> Optional[str]:
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        return "dense MLP layers between the sparse ones (mlp_only_layers, decoder_sparse_step) are not supported"
+    return None
+
+
 ADAPTERS: Dict[str, FamilyAdapter] = {
     "llama": FamilyAdapter("llama", _LLAMA_AXES),
     "mistral": FamilyAdapter("mistral", _LLAMA_AXES),
@@ -170,6 +215,12 @@ ADAPTERS: Dict[str, FamilyAdapter] = {
     "gemma3_text": FamilyAdapter("gemma3_text", _GEMMA_AXES, **_GEMMA),
     "phi3": FamilyAdapter("phi3", _PHI3_AXES, mlp_preactivation="mlp.gate_up_proj",
                           preactivation=lambda out: out.chunk(2, dim=-1)[0]),
+    "mixtral": FamilyAdapter("mixtral", {**_OUTER, **_ATTENTION, **_TWO_NORMS, **_EXPERTS},
+                             moe=MixtureOfExperts("num_local_experts", "intermediate_size", module="mixtral")),
+    "qwen3_moe": FamilyAdapter("qwen3_moe", {**_OUTER, **_ATTENTION, **_QK_NORMS, **_TWO_NORMS, **_EXPERTS},
+                               per_layer_config_keys=("layer_types",),
+                               moe=MixtureOfExperts("num_experts", "moe_intermediate_size", module="qwen3_moe"),
+                               check_config=_qwen3_moe_dense_layers),
 }
 
 
@@ -184,4 +235,8 @@ def adapter_for(hf_config, key: str = "model.path") -> FamilyAdapter:
     if model_type not in ADAPTERS:
         raise ConfigError(f"{key}: model type {model_type!r} has no pruning adapter; "
                           f"supported: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[model_type]
+    adapter = ADAPTERS[model_type]
+    reason = adapter.check_config(hf_config) if adapter.check_config is not None else None
+    if reason:
+        raise ConfigError(f"{key}: this {model_type} checkpoint cannot be pruned: {reason}")
+    return adapter

@@ -79,6 +79,9 @@ def resolve_targets(cfg: PipelineJobConfig, teacher_config, teacher_params: int,
     if not cfg.targets and any(s in stages for s in ("search", "prune", "distill")):
         raise ConfigError("targets: list at least one student, e.g. 'targets=[{fraction: 0.5}]'")
     adapter = adapter_for(teacher_config)
+    if adapter.moe is not None:
+        raise ConfigError(f"model.path: the pipeline does not cover mixtures of experts ({teacher_config.model_type}) "
+                          "yet; use minitron-prune, minitron-distill and minitron-eval")
     teacher = teacher_shape(teacher_config)
     targets = []
     for i, t in enumerate(cfg.targets):

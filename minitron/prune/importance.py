@@ -2,7 +2,10 @@
 
 One pass over the calibration blocks, with hooks, collects for every layer:
   - attention heads: the L2 norm over head_dim of each head's output (the input of o_proj);
-  - MLP neurons: the input of down_proj (post-activation) or the gate projection's output (pre);
+  - MLP neurons: the input of down_proj (post-activation) or the pre-activation (the output of the
+    gate projection, Nemotron's up_proj, the first half of Phi-3's gate_up_proj);
+  - mixtures of experts: each expert's router-weighted output norm, and its neurons' router-weighted
+    activations, over the tokens routed to it;
   - embedding channels: the outputs of the layer's two norms on the residual stream;
   - the hidden state entering every layer and leaving the last, for block importance
     (1 - cos(input, output), arXiv 2403.03853 / 2408.11796) of every contiguous block.
@@ -19,6 +22,7 @@ from typing import Dict, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minitron import progress
@@ -60,17 +64,48 @@ def _accumulate(acc_2N: torch.Tensor, per_sample_BN: torch.Tensor) -> None:
     acc_2N[1] += per_sample_BN.square().sum(0).to(acc_2N.device)
 
 
-def empty_stats(hf_config, head_dim: int) -> Dict[str, torch.Tensor]:
+def empty_stats(hf_config, head_dim: int, adapter: FamilyAdapter) -> Dict[str, torch.Tensor]:
     num_layers, hidden = hf_config.num_hidden_layers, hf_config.hidden_size
     zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32)  # noqa: E731
-    return {
+    stats = {
         "heads": zeros(num_layers, 2, hf_config.num_attention_heads),
-        "mlp": zeros(num_layers, 2, hf_config.intermediate_size),
         "hidden": zeros(num_layers, 2, 2, hidden),  # [layer, which norm, sum/sum_sq, channel]
         "cos_sum": zeros(num_layers + 1, num_layers + 1),  # sum over tokens of cos(h_i, h_j)
         "samples": zeros(1),
         "tokens": zeros(1),
     }
+    if adapter.moe is None:
+        stats["mlp"] = zeros(num_layers, 2, hf_config.intermediate_size)
+    else:
+        experts, width = getattr(hf_config, adapter.moe.num_experts_key), getattr(hf_config, adapter.moe.ffn_key)
+        stats["experts"] = zeros(num_layers, 2, experts)
+        stats["moe"] = zeros(num_layers, 2, experts, width)  # [layer, sum/sum_sq, expert, neuron]
+    return stats
+
+
+def _expert_activations(experts_module, stats, layer: int, seq_agg: str, mlp_activation: str, batch_shape):
+    """A pre-hook on a mixture's experts module, called with (tokens [N, H], top-k expert indices,
+    top-k weights): every expert's contribution recomputed for the tokens routed to it, weighted by
+    its router weight and zero for the others. Per token, an expert's score is the norm of its
+    weighted output and a neuron's the weighted |activation| (post: act(gate) * up, pre: gate);
+    both then reduce over each sample's tokens like every other statistic."""
+    def hook(_module, args):
+        tokens_NH, top_k_index, top_k_weights = args[:3]
+        for e in range(experts_module.gate_up_proj.shape[0]):
+            routed = top_k_index == e  # [N, k]
+            rows = routed.any(-1).nonzero().squeeze(-1)
+            weight_N = torch.zeros(tokens_NH.shape[0], device=tokens_NH.device, dtype=torch.float32)
+            weight_N[rows] = (top_k_weights.float() * routed).sum(-1)[rows]
+            gate, up = F.linear(tokens_NH[rows], experts_module.gate_up_proj[e]).float().chunk(2, dim=-1)
+            act = experts_module.act_fn(gate) * up
+            neurons_NF = tokens_NH.new_zeros(tokens_NH.shape[0], act.shape[-1], dtype=torch.float32)
+            neurons_NF[rows] = (act if mlp_activation == "post" else gate) * weight_N[rows, None]
+            output_N = weight_N.clone()
+            output_N[rows] *= F.linear(act, experts_module.down_proj[e].float()).norm(dim=-1)
+            _accumulate(stats["moe"][layer, :, e], seq_aggregate(neurons_NF.view(*batch_shape(), -1), seq_agg))
+            _accumulate(stats["experts"][layer, :, e:e + 1],
+                        seq_aggregate(output_N.view(*batch_shape(), 1), seq_agg))
+    return hook
 
 
 @contextmanager
@@ -84,6 +119,7 @@ def _hooks(model, adapter: FamilyAdapter, stats, seq_agg: str, mlp_activation: s
     units = {"buf": None, "next": 0}
 
     def add_boundary(hidden_BTD):
+        units["batch_shape"] = hidden_BTD.shape[:2]
         tokens = hidden_BTD.shape[0] * hidden_BTD.shape[1]
         buf = units["buf"]
         if buf is None or buf.shape[1] != tokens or buf.device != hidden_BTD.device:
@@ -106,7 +142,11 @@ def _hooks(model, adapter: FamilyAdapter, stats, seq_agg: str, mlp_activation: s
         handles.append(layer.get_submodule(adapter.attn_output).register_forward_pre_hook(
             lambda _m, args, i=i: _accumulate(
                 stats["heads"][i], seq_aggregate(args[0].unflatten(-1, (-1, head_dim)).float().norm(dim=-1), seq_agg))))
-        if mlp_activation == "post":
+        if adapter.moe is not None:
+            experts = layer.get_submodule(adapter.moe.experts)
+            handles.append(experts.register_forward_pre_hook(
+                _expert_activations(experts, stats, i, seq_agg, mlp_activation, lambda: units["batch_shape"])))
+        elif mlp_activation == "post":
             handles.append(layer.get_submodule(adapter.mlp_output).register_forward_pre_hook(
                 lambda _m, args, i=i: _accumulate(stats["mlp"][i], seq_aggregate(args[0], seq_agg))))
         else:
@@ -134,7 +174,7 @@ def collect_activation_stats(model, adapter: FamilyAdapter, blocks: np.ndarray, 
         raise ConfigError(f"prune.importance.mlp_activation: must be post or pre, got {mlp_activation!r}")
     seq_aggregate(torch.zeros(1, 1, 1), seq_agg)  # validates the name before the pass
     head_dim = head_dim or model.config.hidden_size // model.config.num_attention_heads
-    stats = empty_stats(model.config, head_dim)
+    stats = empty_stats(model.config, head_dim, adapter)
     model.eval()
     mine = np.arange(gang.rank, len(blocks), gang.world_size)
     with _hooks(model, adapter, stats, seq_agg, mlp_activation, head_dim), \
@@ -160,14 +200,20 @@ def _all_reduce(stats: Dict[str, torch.Tensor], gang) -> Dict[str, torch.Tensor]
 
 
 def scores_from_stats(stats: Dict[str, torch.Tensor], batch_agg: str) -> Dict[str, torch.Tensor]:
-    """heads [L, H], mlp [L, F], hidden [D] (summed over layers and norms), cos [L+1, L+1]."""
+    """heads [L, H], mlp [L, F] (or experts [L, E] and moe [L, E, F]), hidden [D] (summed over
+    layers and norms), cos [L+1, L+1]."""
     samples = stats["samples"].item()
     if samples == 0:
         raise ConfigError("prune.calibration.num_samples: the calibration set is empty")
     heads = torch.stack([batch_aggregate(s, samples, batch_agg) for s in stats["heads"]])
-    mlp = torch.stack([batch_aggregate(s, samples, batch_agg) for s in stats["mlp"]])
     hidden = sum(batch_aggregate(s, samples, batch_agg) for layer in stats["hidden"] for s in layer)
-    return {"heads": heads, "mlp": mlp, "hidden": hidden, "cos": stats["cos_sum"] / stats["tokens"]}
+    scores = {"heads": heads, "hidden": hidden, "cos": stats["cos_sum"] / stats["tokens"]}
+    if "mlp" in stats:
+        scores["mlp"] = torch.stack([batch_aggregate(s, samples, batch_agg) for s in stats["mlp"]])
+    else:
+        scores["experts"] = torch.stack([batch_aggregate(s, samples, batch_agg) for s in stats["experts"]])
+        scores["moe"] = torch.stack([batch_aggregate(s, samples, batch_agg) for s in stats["moe"]])
+    return scores
 
 
 class _Identity(nn.Module):

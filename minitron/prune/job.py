@@ -28,6 +28,7 @@ from minitron.prune import importance, scores
 from minitron.prune.shape import check_exportable, resolve_target, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
 from minitron.run import follow_umask, write_json_atomic
+from minitron.search.sizing import Sizer
 from minitron.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:
     del weights
     student_loss = evaluate(student, data.val, p.calibration.micro_batch_size, gang, device, p.depth.eval_blocks)
     summary = {"teacher_params": teacher_params, "student_params": sum(t.numel() for t in student.parameters()),
+               **active_params(teacher_cfg, adapter, shape, target),
                "teacher_val_loss": imp.teacher_loss(p.depth.eval_blocks), "student_val_loss": student_loss,
                "calibration_seconds": imp.calibration_seconds, "scores_reused": imp.reused,
                "world_size": gang.world_size, "output_model": str(Path(cfg.output_dir).resolve())}
@@ -172,12 +174,22 @@ def dry_run(cfg, teacher_cfg, adapter, shape, target) -> dict:
     """Parameter counts from meta tensors: works for any size of teacher given its config.json."""
     student_cfg = student_config(teacher_cfg, adapter, target, list(range(target.num_layers)))
     summary = {"dry_run": True, "teacher_params": count_params(teacher_cfg),
-               "student_params": count_params(student_cfg), "teacher_shape": shape.as_dict(),
+               "student_params": count_params(student_cfg), **active_params(teacher_cfg, adapter, shape, target),
+               "teacher_shape": shape.as_dict(),
                "student_shape": target.as_dict(), "student_config": student_cfg.to_diff_dict()}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def active_params(teacher_cfg, adapter, shape, target) -> dict:
+    """A mixture of experts' parameters used per token (its top-k experts), teacher and student."""
+    if adapter.moe is None:
+        return {}
+    sizer = Sizer(teacher_cfg, adapter, "bf16", seq_len=1, batch_size=1)
+    return {"teacher_active_params": sizer.sizes(shape).active_params,
+            "student_active_params": sizer.sizes(target).active_params}
 
 
 def export(student, tokenizer, out: Path, manifests: dict, config_yaml: str) -> None:

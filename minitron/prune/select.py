@@ -1,9 +1,10 @@
 """Which layers, channels, neurons and heads the student keeps, from importance scores.
 
 Width is homogeneous: every kept layer keeps the same number of neurons and heads (its own
-most important ones). Heads are ranked within their KV group and each kept group keeps the same
-number of query heads, so the result is always a legal GQA shape; with fewer KV heads than the
-teacher, whole groups go first, ranked by the summed importance of their query heads.
+most important ones); in a mixture of experts, the same number of experts, and every kept expert
+the same number of neurons (its own). Heads are ranked within their KV group and each kept group
+keeps the same number of query heads, so the result is always a legal GQA shape; with fewer KV
+heads than the teacher, whole groups go first, ranked by the summed importance of their query heads.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -23,12 +24,19 @@ class Kept:
     heads: List[List[int]]
     """Query-head indices."""
     kv_heads: List[List[int]] = field(default_factory=list)
+    experts: List[List[int]] = field(default_factory=list)
+    """Mixture of experts: the experts each kept layer keeps."""
+    moe: List[List[List[int]]] = field(default_factory=list)
+    """Mixture of experts: per kept layer, per kept expert, the neurons it keeps."""
     teacher: Optional[Shape] = None
     """The teacher's shape: where each part of a fused weight starts (not saved in the manifest)."""
 
     def as_dict(self) -> dict:
-        return {"layers": self.layers, "hidden": self.hidden, "mlp": self.mlp, "heads": self.heads,
-                "kv_heads": self.kv_heads}
+        out = {"layers": self.layers, "hidden": self.hidden, "mlp": self.mlp, "heads": self.heads,
+               "kv_heads": self.kv_heads}
+        if self.experts:
+            out.update(experts=self.experts, moe=self.moe)
+        return out
 
 
 def _top(scores: torch.Tensor, k: int, rng: Optional[torch.Generator]) -> List[int]:
@@ -78,11 +86,16 @@ def select_kept(scores: Dict[str, torch.Tensor], teacher: Shape, target: Shape, 
     rng = torch.Generator().manual_seed(seed) if seed is not None else None
     layers = select_layers(teacher, target, depth, removal_loss, scores["cos"], rng)
     heads = [select_heads(scores["heads"][i], teacher, target, rng) for i in layers]
-    return Kept(
+    kept = Kept(
         layers=layers,
         hidden=_top(scores["hidden"], target.hidden_size, rng),
-        mlp=[_top(scores["mlp"][i], target.ffn_hidden_size, rng) for i in layers],
+        mlp=[_top(scores["mlp"][i], target.ffn_hidden_size, rng) if "mlp" in scores else [] for i in layers],
         heads=[h for h, _ in heads],
         kv_heads=[g for _, g in heads],
         teacher=teacher,
     )
+    if target.num_experts is not None:
+        kept.experts = [_top(scores["experts"][i], target.num_experts, rng) for i in layers]
+        kept.moe = [[_top(scores["moe"][i, e], target.moe_ffn_hidden_size, rng) for e in experts]
+                    for i, experts in zip(layers, kept.experts)]
+    return kept

@@ -5,10 +5,10 @@ before any weight is loaded.
 """
 import copy
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from minitron.config import ConfigError, PruneExportConfig
-from minitron.models.adapters import FamilyAdapter
+from minitron.models.adapters import ADAPTERS, FamilyAdapter
 from minitron.models.build import head_dim_of
 
 
@@ -16,27 +16,48 @@ from minitron.models.build import head_dim_of
 class Shape:
     hidden_size: int
     ffn_hidden_size: int
+    """Dense MLP neurons per layer; 0 for a mixture of experts (its experts have `moe_ffn_hidden_size`)."""
     num_attention_heads: int
     num_key_value_heads: int
     num_layers: int
+    num_experts: Optional[int] = None
+    """Experts per layer; None for a dense model."""
+    moe_ffn_hidden_size: Optional[int] = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.num_experts is None:  # a dense model's shape reads as it always has
+            del out["num_experts"], out["moe_ffn_hidden_size"]
+        return out
+
+
+MOE_KEYS = ("num_experts", "moe_ffn_hidden_size")
 
 
 def teacher_shape(hf_config) -> Shape:
     heads = hf_config.num_attention_heads
-    return Shape(hidden_size=hf_config.hidden_size, ffn_hidden_size=hf_config.intermediate_size,
-                 num_attention_heads=heads,
-                 num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
-                 num_layers=hf_config.num_hidden_layers)
+    common = dict(hidden_size=hf_config.hidden_size, num_attention_heads=heads,
+                  num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+                  num_layers=hf_config.num_hidden_layers)
+    family = ADAPTERS.get(getattr(hf_config, "model_type", None))
+    if family is not None and family.moe is not None:
+        return Shape(ffn_hidden_size=0, num_experts=getattr(hf_config, family.moe.num_experts_key),
+                     moe_ffn_hidden_size=getattr(hf_config, family.moe.ffn_key), **common)
+    return Shape(ffn_hidden_size=hf_config.intermediate_size, **common)
 
 
 def resolve_target(teacher: Shape, export: PruneExportConfig) -> Shape:
     """The student's shape: unset keys keep the teacher's; every impossible target is a
     ConfigError naming its `prune.export.*` key."""
+    moe = teacher.num_experts is not None
+    for key in (MOE_KEYS if not moe else ("ffn_hidden_size",)):
+        if getattr(export, key) is not None:
+            hint = ("the teacher has no experts" if not moe
+                    else "the teacher's MLPs are all experts; set prune.export.moe_ffn_hidden_size")
+            raise ConfigError(f"prune.export.{key}: {hint}")
     values = {}
-    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers"):
+    for key in ("hidden_size", "num_attention_heads", "num_layers",
+                *(MOE_KEYS if moe else ("ffn_hidden_size",))):
         target = getattr(export, key)
         have = getattr(teacher, key)
         if target is None:
@@ -44,6 +65,8 @@ def resolve_target(teacher: Shape, export: PruneExportConfig) -> Shape:
         if not 1 <= target <= have:
             raise ConfigError(f"prune.export.{key}: {target} must be between 1 and the teacher's {have}")
         values[key] = target
+    if moe:
+        values["ffn_hidden_size"] = 0
     heads = values["num_attention_heads"]
     kv = export.num_key_value_heads
     if kv is None:
@@ -87,7 +110,13 @@ def student_config(teacher_config, adapter: FamilyAdapter, target: Shape, kept_l
     cfg = copy.deepcopy(teacher_config)
     cfg.head_dim = head_dim_of(teacher_config)
     cfg.hidden_size = target.hidden_size
-    cfg.intermediate_size = target.ffn_hidden_size
+    if adapter.moe is not None:
+        setattr(cfg, adapter.moe.num_experts_key, target.num_experts)
+        setattr(cfg, adapter.moe.ffn_key, target.moe_ffn_hidden_size)
+        # Every token still goes to top-k experts; with fewer experts than k, to all of them.
+        cfg.num_experts_per_tok = min(cfg.num_experts_per_tok, target.num_experts)
+    else:
+        cfg.intermediate_size = target.ffn_hidden_size
     cfg.num_attention_heads = target.num_attention_heads
     cfg.num_key_value_heads = target.num_key_value_heads
     cfg.num_hidden_layers = target.num_layers

@@ -20,7 +20,7 @@ from minitron.config import (ConfigError, DistillJobConfig, LoggerConfig, Search
 from minitron.data.packing import build_or_load
 from minitron.dist.gang import init_gang, world_size_from_env
 from minitron.logs import is_log_file
-from minitron.models.adapters import FamilyAdapter, adapter_for
+from minitron.models.adapters import FamilyAdapter, adapter_for, logit_softcap
 from minitron.models.build import DTYPES, build_model, resolve_hf_config
 from minitron.models.weights import model_weights
 from minitron.prune import scores
@@ -70,6 +70,10 @@ def plan_search(cfg: SearchJobConfig, teacher_cfg=None) -> Plan:
         raise ConfigError(f"search.max_candidates: must be at least 1, got {s.max_candidates}")
     teacher_cfg = teacher_cfg or resolve_hf_config(cfg.model, vocab_size=0)
     adapter = adapter_for(teacher_cfg)
+    if adapter.moe is not None:
+        raise ConfigError(f"model.path: the search does not cover mixtures of experts ({teacher_cfg.model_type}) "
+                          "yet; prune to a chosen shape with minitron-prune prune.export.num_experts=... "
+                          "prune.export.moe_ffn_hidden_size=... (its dry run reports active parameters)")
     teacher = teacher_shape(teacher_cfg)
     shapes = enumerate_shapes(teacher, s.space, teacher_cfg, adapter)
     sizer = Sizer(teacher_cfg, adapter, cfg.prune.precision, s.memory.seq_len, s.memory.batch_size)
@@ -230,7 +234,7 @@ def score_zero_shot(cfg, plan: Plan, data, tokenizer, gang, todo, dirs, config_y
                               student_config(plan.teacher_config, plan.adapter, shape, kept.layers),
                               dtype, teacher.config._attn_implementation).to(device)
         zs = zero_shot_scores(student, teacher_hidden, teacher.get_output_embeddings().weight, len(tokenizer),
-                              data.val, mb, gang, device, eval_blocks)
+                              data.val, mb, gang, device, eval_blocks, logit_softcap(teacher.config))
         log.info("zero-shot %s: val_loss %.4f, KL %.4f", shape_name(shape), zs["val_loss"], zs["kl"])
         if gang.rank == 0:
             summary = {"teacher_params": teacher_params, "student_params": sizes.params,

@@ -63,18 +63,18 @@ def enumerate_shapes(teacher: Shape, space: SearchSpaceConfig, teacher_config,
         raise ConfigError(f"search.space.num_attention_heads: no value {values['num_attention_heads']} forms whole "
                           f"GQA groups with KV heads {values['num_key_value_heads']} (the teacher has "
                           f"{teacher.num_attention_heads} heads in {teacher.num_key_value_heads} groups)")
-    widths = []
+    widths, refusal = [], ""
     for hidden, (heads, kv) in product(reversed(values["hidden_size"]), heads_kv):
         try:
             check_exportable(teacher_config, adapter, Shape(hidden, teacher.ffn_hidden_size, heads, kv,
                                                             teacher.num_layers))
             widths.append((hidden, heads, kv))
-        except ConfigError:
-            continue
+        except ConfigError as e:
+            refusal = str(e).split(": ", 1)[1]  # without its prune.export.* key
     if not widths:
         raise ConfigError(f"search.space.hidden_size: no shape of the space can be saved by transformers "
-                          f"(hidden {values['hidden_size']} with heads {values['num_attention_heads']}: "
-                          f"{teacher_config.model_type} needs hidden_size a multiple of num_attention_heads)")
+                          f"(hidden {values['hidden_size']} with heads {values['num_attention_heads']}; "
+                          f"the last refusal: {refusal})")
     return [Shape(hidden, ffn, heads, kv, layers)
             for layers, (hidden, heads, kv), ffn in product(reversed(values["num_layers"]), widths,
                                                             reversed(values["ffn_hidden_size"]))]

@@ -5,13 +5,15 @@ candidates by LM loss right after pruning, and finds that ranking unreliable aft
 The teacher's final hidden states are computed once and shared by every candidate; logits are
 made chunk by chunk of tokens, so no [tokens x vocab] tensor exists for a whole micro-batch.
 """
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minitron.distill.fused import softcapped
 from minitron.eval.perplexity import LOSS_CHUNK_TOKENS, eval_batches
+from minitron.models.adapters import logit_softcap
 
 
 @torch.no_grad()
@@ -26,10 +28,17 @@ def final_hidden_states(model, val_blocks: np.ndarray, micro_batch_size: int, ga
 @torch.no_grad()
 def zero_shot_scores(student, teacher_hidden: List[torch.Tensor], teacher_head: torch.Tensor, vocab_size: int,
                      val_blocks: np.ndarray, micro_batch_size: int, gang, device: torch.device,
-                     max_blocks: int) -> Dict[str, float]:
+                     max_blocks: int, teacher_softcap: Optional[float] = None) -> Dict[str, float]:
     """{"val_loss": mean next-token cross-entropy, "kl": mean KL(teacher || student) per token},
-    over the same blocks `final_hidden_states` read, each sequence weighted equally (as `evaluate`)."""
+    over the same blocks `final_hidden_states` read, each sequence weighted equally (as `evaluate`).
+    Logits are soft-capped as each model's family caps them (Gemma)."""
     student.eval()
+    student_softcap = logit_softcap(student.config)
+
+    def logits(hidden, weight, cap):
+        out = (hidden @ weight.T).float()
+        return softcapped(out, cap) if cap else out
+
     w_student = student.get_output_embeddings().weight[:vocab_size]
     w_teacher = teacher_head[:vocab_size].to(device)
     total = torch.zeros(3, dtype=torch.float64)  # sum of per-sequence CE, of per-sequence KL, weights
@@ -40,8 +49,8 @@ def zero_shot_scores(student, teacher_hidden: List[torch.Tensor], teacher_head: 
         targets = ids[:, 1:].flatten()
         ce, kl = [], []
         for rows in torch.arange(len(targets), device=device).split(LOSS_CHUNK_TOKENS):
-            logq = F.log_softmax((hidden_s[rows] @ w_student.T).float(), dim=-1)
-            logp = F.log_softmax((hidden_t[rows] @ w_teacher.T).float(), dim=-1)
+            logq = F.log_softmax(logits(hidden_s[rows], w_student, student_softcap), dim=-1)
+            logp = F.log_softmax(logits(hidden_t[rows], w_teacher, teacher_softcap), dim=-1)
             ce.append(F.nll_loss(logq, targets[rows], reduction="none"))
             kl.append((logp.exp() * (logp - logq)).sum(-1))
         per_seq = [torch.cat(x).view(ids.shape[0], -1).mean(1).double().cpu() for x in (ce, kl)]

@@ -103,14 +103,19 @@ def _tiny(model_type="llama", vocab=67, hidden=32, layers=3, tie=False, seed=0, 
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
 
 
-@pytest.mark.parametrize("family, tie", [("llama", False), ("llama", True), ("gemma2", True)],
-                         ids=["untied", "tied", "gemma2-softcapped"])
+FAMILY_EXTRAS = {"llama": {}, "gemma2": dict(final_logit_softcapping=0.5, query_pre_attn_scalar=8),
+                 "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5)}
+
+
+@pytest.mark.parametrize("family, tie", [("llama", False), ("llama", True), ("gemma2", True), ("mixtral", False)],
+                         ids=["untied", "tied", "gemma2-softcapped", "mixtral-router-loss"])
 def test_distiller_equals_naive_loss_on_model_logits(family, tie):
     """The whole student forward (hidden-state capture, projection, chunked loss) against full
     logits from the models' own forward: loss and every parameter's gradient. Gemma 2's own
-    forward soft-caps its logits (caps low enough to bend them), the fused loss must too."""
+    forward soft-caps its logits (caps low enough to bend them), the fused loss must too; a
+    Mixtral student adds its router's load-balancing loss as its own forward computes it."""
     vocab = 60  # the shared tokenizer; both models carry padded vocabularies
-    extra = dict(final_logit_softcapping=0.5, query_pre_attn_scalar=8) if family == "gemma2" else {}
+    extra = FAMILY_EXTRAS[family]
     teacher = freeze(_tiny(family, vocab=71, hidden=48, layers=4, seed=1, **extra))
     student = _tiny(family, vocab=64, hidden=32, layers=2, tie=tie, seed=2, **extra)
     s = spec(temperature=2.0, ce_weight=0.4)
@@ -124,7 +129,8 @@ def test_distiller_equals_naive_loss_on_model_logits(family, tie):
         loss, extras = distiller(input_ids, t_out)
     grads = torch.autograd.grad(loss, list(distiller.parameters()))
 
-    out_s = student(input_ids=input_ids, output_hidden_states=True)
+    moe = {"output_router_logits": True} if family == "mixtral" else {}
+    out_s = student(input_ids=input_ids, output_hidden_states=True, **moe)
     with torch.no_grad():
         out_t = teacher(input_ids=input_ids, output_hidden_states=True)
     logits_s, logits_t = out_s.logits[:, :-1, :vocab].flatten(0, 1), out_t.logits[:, :-1, :vocab].flatten(0, 1)
@@ -132,6 +138,9 @@ def test_distiller_equals_naive_loss_on_model_logits(family, tie):
     logit_loss = losses.combine_token_losses(kd, ce, s).mean()
     hidden = sum(losses.hidden_state_loss(projection(out_s.hidden_states[i]), out_t.hidden_states[j]) for i, j in pairs)
     ref = logit_loss + (logit_loss.detach() / hidden.detach()) * hidden
+    if moe:
+        ref = ref + 0.5 * out_s.aux_loss
+        assert_close_rel(extras["router_aux"], out_s.aux_loss.detach())
     ref_grads = torch.autograd.grad(ref, list(distiller.parameters()))
 
     assert_close_rel(loss, ref)

@@ -18,6 +18,8 @@ FAMILIES = {
     "gemma2": dict(model_type="gemma2", num_attention_heads=8, num_key_value_heads=2, head_dim=12,
                    query_pre_attn_scalar=10, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                    sliding_window=8),
+    "gemma2_untied": dict(model_type="gemma2", num_attention_heads=8, num_key_value_heads=2, head_dim=12,
+                          query_pre_attn_scalar=10, final_logit_softcapping=3.0, tie_word_embeddings=False),
     "gemma3_text": dict(model_type="gemma3_text", num_attention_heads=8, num_key_value_heads=2, head_dim=12,
                         query_pre_attn_scalar=10, final_logit_softcapping=3.0, sliding_window=8,
                         layer_types=["sliding_attention", "full_attention"] * 2),
@@ -27,10 +29,20 @@ FAMILIES = {
 }
 
 
+# Mixtures of experts: every MLP is 4 experts of 32 neurons, top 2 per token; Qwen3-MoE without
+# renormalising the top-k weights (they stay softmax probabilities over all experts).
+MOE_FAMILIES = {
+    "mixtral": dict(model_type="mixtral", num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2, intermediate_size=32),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_attention_heads=8, num_key_value_heads=2, head_dim=12,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False),
+}
+
+
 def random_model(family: str, seed: int = 0):
-    spec = dict(FAMILIES[family])
-    cfg = AutoConfig.for_model(spec.pop("model_type"), vocab_size=97, hidden_size=64, intermediate_size=96,
-                               num_hidden_layers=4, max_position_embeddings=64, **spec)
+    spec = {"intermediate_size": 96, **(FAMILIES.get(family) or MOE_FAMILIES[family])}
+    cfg = AutoConfig.for_model(spec.pop("model_type"), vocab_size=97, hidden_size=64, num_hidden_layers=4,
+                               max_position_embeddings=64, **spec)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():  # norms start at 1 and biases at 0: make them matter

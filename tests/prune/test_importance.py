@@ -101,7 +101,7 @@ def test_removal_loss_equals_a_model_built_without_the_layers():
         layers = [i for i in range(4) if i not in (start, start + 1)]
         full = {"hidden": list(range(64)), "mlp": [list(range(96))] * 2, "heads": [list(range(8))] * 2,
                 "kv_heads": [list(range(2))] * 2}
-        kept = Kept(layers=layers, **full)
+        kept = Kept(layers=layers, **full, teacher=shape)
         target = dataclasses.replace(shape, num_layers=2)
         smaller = prune_model(model_weights(model), adapter, kept, student_config(model.config, adapter, target, layers),
                               attn_implementation="eager")

@@ -207,7 +207,7 @@ BAD = [
      "is not a multiple of the number of attention heads (4)"),
     (lambda t, d, tmp: [f"model.path={gpt2_config(tmp)}"],
      "model.path: model type 'gpt2' has no pruning adapter; "
-     "supported: gemma2, gemma3_text, llama, mistral, nemotron, phi3, qwen2, qwen3"),
+     "supported: gemma2, gemma3_text, llama, mistral, mixtral, nemotron, phi3, qwen2, qwen3, qwen3_moe"),
     (lambda t, d, tmp: [f"model.path={tmp}"], "model.path: {tmp} is not a Hugging Face checkpoint"),
     (lambda t, d, tmp: [f"model.path={tmp / 'missing'}"], "model.path: no such directory"),
     (lambda t, d, tmp: [], "model.path: set it"),

@@ -76,7 +76,7 @@ def test_mlp_heads_and_depth_pruning_equals_masked_teacher(family):
     assert student.config.head_dim == head_dim_of(teacher.config)
 
 
-@pytest.mark.parametrize("family", ["llama_gqa", "qwen2"])
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen2", "phi3"])  # phi3: k and v inside the fused qkv_proj
 def test_pruning_whole_kv_groups_equals_masked_teacher(family):
     teacher = random_model(family)
     student, kept = prune(teacher, PruneExportConfig(num_attention_heads=4, num_key_value_heads=1))
@@ -191,7 +191,7 @@ def test_unset_targets_keep_the_teacher_and_mha_stays_mha():
 
 @pytest.mark.parametrize("model_type", ["gpt2", "t5"])  # no adapter; an encoder-decoder
 def test_model_type_without_adapter_lists_the_supported_ones(model_type):
-    supported = "gemma2, gemma3_text, llama, mistral, nemotron, phi3, qwen2, qwen3"
+    supported = "gemma2, gemma3_text, llama, mistral, mixtral, nemotron, phi3, qwen2, qwen3, qwen3_moe"
     with pytest.raises(ConfigError, match=f"^model.path: model type '{model_type}' has no pruning adapter; "
                                           f"supported: {supported}$"):
         adapter_for(AutoConfig.for_model(model_type))

@@ -145,12 +145,14 @@ def test_multirun_jobs_each_take_one_candidate(searched, tiny_teacher, corpus_di
     _close(out, reference)
 
 
-def test_zero_shot_scores_equal_a_float64_full_logit_reference():
-    teacher, student = random_model("llama_gqa", seed=0).double(), random_model("llama_gqa", seed=1).double()
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2"])  # gemma2: logits soft-capped at 3
+def test_zero_shot_scores_equal_a_float64_full_logit_reference(family):
+    teacher, student = random_model(family, seed=0).double(), random_model(family, seed=1).double()
     blocks = np.random.default_rng(0).integers(0, 90, (5, 12))  # the shared tokenizer: 90 of 97 rows
     gang, cpu = LocalGang(), torch.device("cpu")
     hidden = final_hidden_states(teacher, blocks, 2, gang, cpu, max_blocks=5)
-    got = zero_shot_scores(student, hidden, teacher.lm_head.weight, 90, blocks, 2, gang, cpu, max_blocks=5)
+    got = zero_shot_scores(student, hidden, teacher.lm_head.weight, 90, blocks, 2, gang, cpu, max_blocks=5,
+                           teacher_softcap=teacher.config.final_logit_softcapping if family == "gemma2" else None)
     ids = torch.from_numpy(blocks)
     with torch.no_grad():
         logq = F.log_softmax(student(ids).logits[:, :-1, :90], -1)
