@@ -25,6 +25,7 @@ from minitron.prune.shape import resolve_target, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
 from minitron.search.sizing import Sizer
 from random_models import MOE_FAMILIES, random_model
+from test_slicing import hidden_masked_reference
 
 INPUT = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -98,6 +99,21 @@ def test_expert_neuron_head_and_depth_pruning_equals_the_router_masked_teacher(f
     assert student.config.num_experts_per_tok == min(2, experts)
     with torch.no_grad():
         want = masked_reference(teacher, kept)(INPUT, use_cache=False).logits
+        got = student(INPUT, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_hidden_and_expert_pruning_equals_the_teacher_with_pruned_channels_held_at_zero(family):
+    """As for the dense families (test_slicing): embedding channels pruned too. The reference
+    computes every norm over the kept channels, so whatever the experts write into the pruned ones
+    never reaches a router, an expert, attention or the output."""
+    teacher = random_model(family)
+    student, kept = prune(teacher, PruneExportConfig(hidden_size=40, num_experts=3, moe_ffn_hidden_size=20,
+                                                     num_layers=3))
+    reference = hidden_masked_reference(teacher, kept)
+    with torch.no_grad():
+        want = masked_reference(reference, kept)(INPUT, use_cache=False).logits
         got = student(INPUT, use_cache=False).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
