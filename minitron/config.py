@@ -371,6 +371,10 @@ class SearchSpaceConfig:
     num_attention_heads: AxisRange = field(default_factory=lambda: AxisRange(min_ratio=0.6, step=1))
     num_key_value_heads: AxisRange = field(default_factory=lambda: AxisRange(min_ratio=1.0, step=1))
     """Kept whole by default (min_ratio 1); lower min_ratio or give choices to search it."""
+    num_experts: AxisRange = field(default_factory=lambda: AxisRange(min_ratio=0.5, step=1))
+    """Mixture-of-experts teachers only: experts per layer (the dense ffn_hidden_size axis is unused)."""
+    moe_ffn_hidden_size: AxisRange = field(default_factory=lambda: AxisRange(min_ratio=0.6, step=64))
+    """Mixture-of-experts teachers only: neurons per expert."""
 
 
 @dataclass
@@ -395,7 +399,9 @@ class SearchConfig:
     memory: SearchMemoryConfig = field(default_factory=SearchMemoryConfig)
     flops_per_token: Optional[float] = None
     """Budget: forward FLOPs per token at search.memory.seq_len (2 per matmul weight, lm_head included,
-    plus attention's 4 x layers x heads x head_dim x seq_len)."""
+    plus attention's 4 x layers x heads x head_dim x seq_len; a mixture counts its top-k experts)."""
+    active_params: Optional[float] = None
+    """Budget, mixture-of-experts teachers: parameters one token uses (its top-k experts')."""
     tolerance: float = 0.05
     """Every budget set must hold within this fraction either side."""
     space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)

@@ -138,7 +138,7 @@ def _train_teacher(cfg, ledger: Ledger, stage: str, label: str, run: Path, key: 
 def _prune_job(cfg, teacher: Model, data, scores_dir: Path, output_dir: str, shape=None) -> PruneJobConfig:
     prune = dataclasses.replace(cfg.prune, scores_dir=str(scores_dir))
     if shape is not None:
-        prune = dataclasses.replace(prune, export=dataclasses.replace(cfg.prune.export, **shape.as_dict()))
+        prune = dataclasses.replace(prune, export=dataclasses.replace(cfg.prune.export, **shape.export_keys()))
     return PruneJobConfig(output_dir=output_dir, seed=cfg.seed, model=ModelConfig(name="teacher", path=teacher.path),
                           data=data, prune=prune, deepspeed=cfg.deepspeed, logger=NO_LOGGER)
 

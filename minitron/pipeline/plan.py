@@ -26,10 +26,11 @@ from minitron.models.adapters import adapter_for
 from minitron.models.build import (check_checkpoint_files, count_params, has_tokenizer, local_checkpoint, max_positions,
                                    resolve_hf_config, weight_files)
 from minitron.prune.job import check_prune_options
-from minitron.prune.shape import Shape, check_exportable, resolve_target, teacher_shape
+from minitron.prune.shape import MOE_KEYS, Shape, check_exportable, resolve_target, teacher_shape
 from minitron.search.space import shape_name
 
-SHAPE_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads", "num_layers")
+SHAPE_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads", "num_layers",
+              *MOE_KEYS)
 
 
 @dataclass
@@ -79,9 +80,6 @@ def resolve_targets(cfg: PipelineJobConfig, teacher_config, teacher_params: int,
     if not cfg.targets and any(s in stages for s in ("search", "prune", "distill")):
         raise ConfigError("targets: list at least one student, e.g. 'targets=[{fraction: 0.5}]'")
     adapter = adapter_for(teacher_config)
-    if adapter.moe is not None:
-        raise ConfigError(f"model.path: the pipeline does not cover mixtures of experts ({teacher_config.model_type}) "
-                          "yet; use minitron-prune, minitron-distill and minitron-eval")
     teacher = teacher_shape(teacher_config)
     targets = []
     for i, t in enumerate(cfg.targets):

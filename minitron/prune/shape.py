@@ -30,6 +30,13 @@ class Shape:
             del out["num_experts"], out["moe_ffn_hidden_size"]
         return out
 
+    def export_keys(self) -> dict:
+        """The prune.export keys that give this shape (a mixture of experts has no dense FFN key)."""
+        out = self.as_dict()
+        if self.num_experts is not None:
+            del out["ffn_hidden_size"]
+        return out
+
 
 MOE_KEYS = ("num_experts", "moe_ffn_hidden_size")
 

@@ -6,7 +6,7 @@ from minitron.config import ConfigError, SearchConfig
 from minitron.prune.shape import Shape
 from minitron.search.sizing import Sizes
 
-BUDGET_KEYS = ("params", "non_embedding_params", "memory_gb", "flops_per_token")
+BUDGET_KEYS = ("params", "non_embedding_params", "memory_gb", "flops_per_token", "active_params")
 
 Candidate = Tuple[Shape, Sizes]
 
@@ -16,7 +16,8 @@ def budgets(search: SearchConfig) -> List[Tuple[str, float]]:
     set_ = [(key, getattr(search, key)) for key in BUDGET_KEYS if getattr(search, key) is not None]
     if not set_:
         raise ConfigError("search.params: set a budget (search.params, search.non_embedding_params, "
-                          "search.memory_gb or search.flops_per_token)")
+                          "search.memory_gb, search.flops_per_token or, for a mixture of experts, "
+                          "search.active_params)")
     for key, value in set_:
         if value <= 0:
             raise ConfigError(f"search.{key}: must be positive, got {value}")
@@ -37,6 +38,9 @@ def within_budgets(candidates: Sequence[Candidate], search: SearchConfig, teache
     tol = search.tolerance
     kept = list(candidates)
     for key, budget in budgets(search):
+        if getattr(teacher, key) is None:
+            raise ConfigError(f"search.{key}: the teacher is not a mixture of experts; every parameter is "
+                              "active, use search.params")
         values = [getattr(sizes, key) for _, sizes in kept]
         meeting = [c for c, v in zip(kept, values) if abs(v - budget) <= tol * budget]
         if not meeting:

@@ -26,7 +26,7 @@ from minitron.models.weights import model_weights
 from minitron.prune import scores
 from minitron.prune.job import (check_prune_options, check_teacher_checkpoint, check_vocab, export,
                                 pruning_manifest)
-from minitron.prune.shape import Shape, student_config, teacher_shape
+from minitron.prune.shape import MOE_KEYS, Shape, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
 from minitron.search import ranking, report
 from minitron.search.budget import BUDGET_KEYS, within_budgets
@@ -59,7 +59,8 @@ def plan_search(cfg: SearchJobConfig, teacher_cfg=None) -> Plan:
     if not cfg.model.path and teacher_cfg is None:
         raise ConfigError("model.path: set it to the teacher's Hugging Face checkpoint directory "
                           "(a directory with only config.json is enough for search.dry_run=true)")
-    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads", "num_layers"):
+    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads", "num_layers",
+                *MOE_KEYS):
         if getattr(cfg.prune.export, key) is not None:
             raise ConfigError(f"prune.export.{key}: the search chooses the shape; leave prune.export unset")
     s = cfg.search
@@ -70,10 +71,6 @@ def plan_search(cfg: SearchJobConfig, teacher_cfg=None) -> Plan:
         raise ConfigError(f"search.max_candidates: must be at least 1, got {s.max_candidates}")
     teacher_cfg = teacher_cfg or resolve_hf_config(cfg.model, vocab_size=0)
     adapter = adapter_for(teacher_cfg)
-    if adapter.moe is not None:
-        raise ConfigError(f"model.path: the search does not cover mixtures of experts ({teacher_cfg.model_type}) "
-                          "yet; prune to a chosen shape with minitron-prune prune.export.num_experts=... "
-                          "prune.export.moe_ffn_hidden_size=... (its dry run reports active parameters)")
     teacher = teacher_shape(teacher_cfg)
     shapes = enumerate_shapes(teacher, s.space, teacher_cfg, adapter)
     sizer = Sizer(teacher_cfg, adapter, cfg.prune.precision, s.memory.seq_len, s.memory.batch_size)
@@ -311,7 +308,7 @@ def finish(cfg, plan: Plan, rows, dirs, zero_shot, results, rounds, tokens_per_s
         # The step-0 row first: W&B refuses (and warns about) a step below one it has logged.
         tracker.log({"search/winner_val_loss": winner["distill_val_loss"], "search/distill_tokens": tokens,
                      **{f"search/tau/{k}": v for k, v in taus.items() if v is not None}}, step=0)
-        tracker.log_table("search/candidates", report.COLUMNS, report.table_rows(ranked))
+        tracker.log_table("search/candidates", report.columns(ranked), report.table_rows(ranked))
         tracker.log_image("search/params_vs_loss", out / "search.png")
         tracker.finish()
         write_json_atomic(out / "summary.json", summary)

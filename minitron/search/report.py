@@ -5,22 +5,31 @@ import os
 from pathlib import Path
 from typing import List
 
-COLUMNS = ["rank", "name", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-           "num_key_value_heads", "params", "non_embedding_params", "memory_gb", "flops_per_token",
-           "zero_shot_val_loss", "zero_shot_kl", "distill_steps", "distill_val_loss"]
+COLUMNS = ["rank", "name", "num_layers", "hidden_size", "ffn_hidden_size", "num_experts", "moe_ffn_hidden_size",
+           "num_attention_heads", "num_key_value_heads", "params", "active_params", "non_embedding_params",
+           "memory_gb", "flops_per_token", "zero_shot_val_loss", "zero_shot_kl", "distill_steps", "distill_val_loss"]
+
+
+MOE_COLUMNS = ("num_experts", "moe_ffn_hidden_size", "active_params")
+
+
+def columns(candidates: List[dict]) -> List[str]:
+    """COLUMNS, without the mixture-of-experts ones for a dense teacher's candidates."""
+    moe = any(c.get("num_experts") is not None for c in candidates)
+    return [k for k in COLUMNS if moe or k not in MOE_COLUMNS]
 
 
 def table_rows(candidates: List[dict]) -> List[list]:
-    """One row per candidate in COLUMNS order (missing scores as None), best first when ranked."""
+    """One row per candidate in `columns` order (missing scores as None), best first when ranked."""
     ranked = sorted(candidates, key=lambda c: (c.get("rank") is None, c.get("rank") or 0))
-    return [[c.get(k) for k in COLUMNS] for c in ranked]
+    return [[c.get(k) for k in columns(candidates)] for c in ranked]
 
 
 def write_csv(path: Path, candidates: List[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(COLUMNS)
+        writer.writerow(columns(candidates))
         writer.writerows(table_rows(candidates))
     os.replace(tmp, path)
 
@@ -31,16 +40,16 @@ def format_table(candidates: List[dict], limit: int = 40) -> str:
     def cell(key, value):
         if value is None:
             return "-"
-        if key in ("params", "non_embedding_params"):
+        if key in ("params", "active_params", "non_embedding_params"):
             return f"{value / 1e6:,.2f}M"
         if key == "flops_per_token":
             return f"{value / 1e6:,.1f}M"
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    table = table_rows(candidates)
-    shown = [j for j, k in enumerate(COLUMNS) if k != "name" and any(r[j] is not None for r in table)]
-    header = ["name", *(COLUMNS[j] for j in shown)]
-    rows = [[str(r[1]), *(cell(COLUMNS[j], r[j]) for j in shown)] for r in table[:limit]]
+    table, keys = table_rows(candidates), columns(candidates)
+    shown = [j for j, k in enumerate(keys) if k != "name" and any(r[j] is not None for r in table)]
+    header = ["name", *(keys[j] for j in shown)]
+    rows = [[str(r[1]), *(cell(keys[j], r[j]) for j in shown)] for r in table[:limit]]
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [header, *rows]]
     if len(candidates) > limit:

@@ -4,6 +4,7 @@ when more meet the budgets than the search can afford to rank.
 
 Reads configs only: a 70B teacher's space is listed in seconds from its config.json.
 """
+import dataclasses
 import math
 from itertools import product
 from typing import List, Sequence
@@ -13,6 +14,13 @@ from minitron.models.adapters import FamilyAdapter
 from minitron.prune.shape import Shape, check_exportable, resolve_target
 
 AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads")
+MOE_AXES = ("num_layers", "hidden_size", "num_experts", "moe_ffn_hidden_size", "num_attention_heads",
+            "num_key_value_heads")
+
+
+def axes_of(teacher: Shape) -> tuple:
+    """The searched axes: a mixture of experts has experts and their width in place of the FFN."""
+    return MOE_AXES if teacher.num_experts is not None else AXES
 
 
 def axis_values(axis: AxisRange, teacher_value: int, key: str) -> List[int]:
@@ -41,7 +49,7 @@ def enumerate_shapes(teacher: Shape, space: SearchSpaceConfig, teacher_config,
                      adapter: FamilyAdapter) -> List[Shape]:
     """Every legal, saveable shape of the space, largest axes first."""
     values = {name: axis_values(getattr(space, name), getattr(teacher, name), f"search.space.{name}")
-              for name in AXES}
+              for name in axes_of(teacher)}
     # An MHA teacher whose KV axis is left alone stays MHA (KV heads follow the query heads), as
     # in minitron-prune.
     follow_heads = (teacher.num_key_value_heads == teacher.num_attention_heads
@@ -66,8 +74,8 @@ def enumerate_shapes(teacher: Shape, space: SearchSpaceConfig, teacher_config,
     widths, refusal = [], ""
     for hidden, (heads, kv) in product(reversed(values["hidden_size"]), heads_kv):
         try:
-            check_exportable(teacher_config, adapter, Shape(hidden, teacher.ffn_hidden_size, heads, kv,
-                                                            teacher.num_layers))
+            check_exportable(teacher_config, adapter, dataclasses.replace(
+                teacher, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv))
             widths.append((hidden, heads, kv))
         except ConfigError as e:
             refusal = str(e).split(": ", 1)[1]  # without its prune.export.* key
@@ -75,15 +83,21 @@ def enumerate_shapes(teacher: Shape, space: SearchSpaceConfig, teacher_config,
         raise ConfigError(f"search.space.hidden_size: no shape of the space can be saved by transformers "
                           f"(hidden {values['hidden_size']} with heads {values['num_attention_heads']}; "
                           f"the last refusal: {refusal})")
-    return [Shape(hidden, ffn, heads, kv, layers)
-            for layers, (hidden, heads, kv), ffn in product(reversed(values["num_layers"]), widths,
-                                                            reversed(values["ffn_hidden_size"]))]
+    if teacher.num_experts is None:
+        mlps = [{"ffn_hidden_size": ffn} for ffn in reversed(values["ffn_hidden_size"])]
+    else:
+        mlps = [{"num_experts": experts, "moe_ffn_hidden_size": width} for experts, width in
+                product(reversed(values["num_experts"]), reversed(values["moe_ffn_hidden_size"]))]
+    return [dataclasses.replace(teacher, num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                                num_key_value_heads=kv, **mlp)
+            for layers, (hidden, heads, kv), mlp in product(reversed(values["num_layers"]), widths, mlps)]
 
 
 def shape_name(shape: Shape) -> str:
     """A directory name for the candidate: layers, hidden, ffn, query heads, KV heads."""
-    return (f"L{shape.num_layers}-H{shape.hidden_size}-F{shape.ffn_hidden_size}"
-            f"-A{shape.num_attention_heads}-K{shape.num_key_value_heads}")
+    mlp = (f"F{shape.ffn_hidden_size}" if shape.num_experts is None
+           else f"E{shape.num_experts}-M{shape.moe_ffn_hidden_size}")
+    return f"L{shape.num_layers}-H{shape.hidden_size}-{mlp}-A{shape.num_attention_heads}-K{shape.num_key_value_heads}"
 
 
 def spread(shapes: Sequence[Shape], teacher: Shape, count: int) -> List[Shape]:
@@ -92,7 +106,7 @@ def spread(shapes: Sequence[Shape], teacher: Shape, count: int) -> List[Shape]:
     earlier. Deterministic, and blind to any score, so every multirun job picks the same set."""
     if len(shapes) <= count:
         return list(shapes)
-    points = [[getattr(s, a) / getattr(teacher, a) for a in AXES] for s in shapes]
+    points = [[getattr(s, a) / getattr(teacher, a) for a in axes_of(teacher)] for s in shapes]
 
     def dist(i, j):
         return math.dist(points[i], points[j])

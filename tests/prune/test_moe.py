@@ -240,3 +240,36 @@ def test_search_sizes_equal_the_meta_build_with_active_parameters():
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert sizes.params == sum(p.numel() for p in model.parameters())
     assert sizes.active_params == sizes.params - experts + experts * 2 // 3
+
+
+def test_search_space_of_a_moe_teacher_crosses_experts_and_expert_width_under_an_active_budget(tmp_path):
+    """The search lists mixtures by experts and expert width (no dense FFN axis), sizes each
+    exactly, and holds them to search.active_params; a dense teacher refuses that budget."""
+    from minitron.search.job import plan_search
+    from minitron.search.space import shape_name
+
+    teacher = tmp_path / "mixtral"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps({**MIXTRAL_8X7B, "num_hidden_layers": 4}))
+    plan = plan_search(compose_job("search", f"model.path={teacher}", "search.active_params=1.5e9",
+                                   "search.dry_run=true", "search.tolerance=0.1"))
+    assert plan.listed and {s.num_experts for s, _ in plan.listed} > {8}
+    assert {s.ffn_hidden_size for s, _ in plan.listed} == {0}
+    for shape, sizes in plan.listed:
+        assert abs(sizes.active_params - 1.5e9) <= 0.1 * 1.5e9
+        assert shape_name(shape).split("-")[2:4] == [f"E{shape.num_experts}", f"M{shape.moe_ffn_hidden_size}"]
+    shape, sizes = plan.listed[-1]
+    student = student_config(plan.teacher_config, plan.adapter, shape, list(range(shape.num_layers)))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(student)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert sizes.params == sum(p.numel() for p in model.parameters())
+    assert sizes.active_params == sizes.params - experts + experts * 2 // shape.num_experts
+
+    dense = tmp_path / "llama"
+    dense.mkdir()
+    (dense / "config.json").write_text(json.dumps({**{k: v for k, v in MIXTRAL_8X7B.items()
+                                                      if k not in ("num_local_experts", "num_experts_per_tok")},
+                                                   "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ConfigError, match="^search.active_params: the teacher is not a mixture of experts"):
+        plan_search(compose_job("search", f"model.path={dense}", "search.active_params=4e9", "search.dry_run=true"))
