@@ -94,7 +94,8 @@ def enumerate_shapes(teacher: Shape, space: SearchSpaceConfig, teacher_config,
 
 
 def shape_name(shape: Shape) -> str:
-    """A directory name for the candidate: layers, hidden, ffn, query heads, KV heads."""
+    """A directory name for the candidate: layers, hidden, ffn (or experts and their width), query
+    heads, KV heads."""
     mlp = (f"F{shape.ffn_hidden_size}" if shape.num_experts is None
            else f"E{shape.num_experts}-M{shape.moe_ffn_hidden_size}")
     return f"L{shape.num_layers}-H{shape.hidden_size}-{mlp}-A{shape.num_attention_heads}-K{shape.num_key_value_heads}"
