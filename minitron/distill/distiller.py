@@ -44,16 +44,16 @@ class Distiller(nn.Module):
         self.pairs: List[Tuple[int, int]] = list(pairs)
         self.hidden_loss = hidden_loss
         self.hidden_weight = hidden_weight
+        self.softcap = logit_softcap(student.config)
+        self.moe = ADAPTERS[student.config.model_type].moe
+        self.aux_coef = getattr(student.config, "router_aux_loss_coef", 0.0) if self.moe is not None else 0.0
 
     def forward(self, input_ids: torch.Tensor, teacher: Optional[TeacherOutputs] = None):
         """(loss, extras): extras are detached scalars to log (kd, ce, each hidden loss, weight, and a
         mixture of experts' router loss)."""
-        config = self.student.config
-        moe = ADAPTERS[config.model_type].moe
-        aux_coef = getattr(config, "router_aux_loss_coef", 0.0) if moe is not None else 0.0
         with capture_hidden_states(self.student, [s for s, _ in self.pairs]) as student_hidden:
             out = self.student.base_model(input_ids=input_ids, use_cache=False,
-                                          **({"output_router_logits": True} if aux_coef else {}))
+                                          **({"output_router_logits": True} if self.aux_coef else {}))
             final = out.last_hidden_state
         # Position t predicts token t+1: the last position has no target for the cross-entropy,
         # and is left out of the divergence too, so both average over the same tokens.
@@ -63,7 +63,7 @@ class Distiller(nn.Module):
         loss, parts = chunked_logit_loss(hidden, self.student.get_output_embeddings().weight, teacher_hidden,
                                          teacher.head_weight if teacher is not None else None, targets,
                                          self.vocab_size, self.logit_spec, self.chunk_tokens,
-                                         student_softcap=logit_softcap(self.student.config),
+                                         student_softcap=self.softcap,
                                          teacher_softcap=teacher.softcap if teacher is not None else None)
         extras = {}
         if self.logit_spec.divergence != "none":
@@ -81,9 +81,9 @@ class Distiller(nn.Module):
             loss = loss + weight * hidden_total
             extras.update({f"hidden_{s}_{t}": term.detach() for (s, t), term in zip(self.pairs, terms)})
             extras["hidden_weight"] = torch.as_tensor(weight).detach()
-        if aux_coef:
+        if self.aux_coef:
             # The router's load-balancing loss, weighted as the family's own training forward weighs it.
-            aux = moe.router_aux_loss(config, out.router_logits)
-            loss = loss + aux_coef * aux
+            aux = self.moe.router_aux_loss(self.student.config, out.router_logits)
+            loss = loss + self.aux_coef * aux
             extras["router_aux"] = aux.detach()
         return loss, extras

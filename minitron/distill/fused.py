@@ -42,8 +42,8 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             rows = slice(start, start + chunk_tokens)
             h = student_hidden[rows]
             teacher_logits = teacher_hidden[rows] @ w_teacher.T if w_teacher is not None else None
-            if teacher_softcap and teacher_logits is not None:
-                teacher_logits = softcapped(teacher_logits.float(), teacher_softcap)
+            if teacher_logits is not None:
+                teacher_logits = softcapped(teacher_logits, teacher_softcap)
             logits = h @ w_student.T
             if is_plain_forward_kl(spec):
                 tanh = None
@@ -60,8 +60,8 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             else:
                 with torch.enable_grad():
                     logits.requires_grad_()
-                    capped = softcapped(logits.float(), student_softcap) if student_softcap else logits
-                    kd, ce = losses.token_losses(capped, teacher_logits, targets[rows], spec)
+                    kd, ce = losses.token_losses(softcapped(logits, student_softcap), teacher_logits,
+                                                 targets[rows], spec)
                     chunk_loss = losses.combine_token_losses(kd, ce, spec).sum() / num_tokens
                     (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
             grad_hidden[rows] = grad_logits @ w_student
@@ -85,9 +85,10 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
-def softcapped(logits: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(logits / cap), as Gemma 2 and 3 bound their final logits."""
-    return torch.tanh(logits / cap) * cap
+def softcapped(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """cap * tanh(logits / cap) in float32, as Gemma 2 and 3 bound their final logits; the logits
+    unchanged when there is no cap."""
+    return torch.tanh(logits.float() / cap) * cap if cap else logits
 
 
 def is_plain_forward_kl(spec) -> bool:

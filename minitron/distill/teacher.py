@@ -25,6 +25,7 @@ class Teacher:
         self.hidden_indices = list(hidden_indices)
         self.full_parameters = full_parameters
         self.num_layers = len(model.base_model.layers)
+        self.softcap = logit_softcap(model.config)
 
     @contextlib.contextmanager
     def outputs(self, input_ids: torch.Tensor):
@@ -38,7 +39,7 @@ class Teacher:
         head = self.model.get_output_embeddings().weight
         with self.full_parameters([head]):
             yield TeacherOutputs(final_hidden=caught[final], head_weight=head,
-                                 softcap=logit_softcap(self.model.config),
+                                 softcap=self.softcap,
                                  hidden={i: caught[i] for i in self.hidden_indices})
 
 

@@ -64,10 +64,6 @@ def sequence_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
     hidden = module.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
     targets = input_ids[:, 1:].flatten()
     head, cap = module.get_output_embeddings(), logit_softcap(module.config)
-
-    def logits(h):
-        return softcapped(head(h).float(), cap) if cap else head(h).float()
-
-    per_token = torch.cat([F.cross_entropy(logits(h), t, reduction="none")
+    per_token = torch.cat([F.cross_entropy(softcapped(head(h), cap).float(), t, reduction="none")
                            for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))])
     return per_token.view(input_ids.shape[0], -1).mean(1)

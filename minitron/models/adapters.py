@@ -172,13 +172,10 @@ _GEMMA = dict(per_layer_config_keys=("layer_types",), adjust_weights=_gemma_embe
 
 _NEMOTRON_AXES = {
     **_OUTER, **_ATTENTION, **_TWO_NORMS,
+    **{name: axes for name, axes in _GATED_MLP.items() if ".gate_proj." not in name},  # up, act, down
     "model.norm.bias": ("hidden",),
     _LAYER + "input_layernorm.bias": ("hidden",),
     _LAYER + "post_attention_layernorm.bias": ("hidden",),
-    _LAYER + "mlp.up_proj.weight": ("mlp", "hidden"),
-    _LAYER + "mlp.up_proj.bias": ("mlp",),
-    _LAYER + "mlp.down_proj.weight": ("hidden", "mlp"),
-    _LAYER + "mlp.down_proj.bias": ("hidden",),
 }
 
 _PHI3_AXES = {

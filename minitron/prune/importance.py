@@ -205,14 +205,11 @@ def scores_from_stats(stats: Dict[str, torch.Tensor], batch_agg: str) -> Dict[st
     samples = stats["samples"].item()
     if samples == 0:
         raise ConfigError("prune.calibration.num_samples: the calibration set is empty")
-    heads = torch.stack([batch_aggregate(s, samples, batch_agg) for s in stats["heads"]])
     hidden = sum(batch_aggregate(s, samples, batch_agg) for layer in stats["hidden"] for s in layer)
-    scores = {"heads": heads, "hidden": hidden, "cos": stats["cos_sum"] / stats["tokens"]}
-    if "mlp" in stats:
-        scores["mlp"] = torch.stack([batch_aggregate(s, samples, batch_agg) for s in stats["mlp"]])
-    else:
-        scores["experts"] = torch.stack([batch_aggregate(s, samples, batch_agg) for s in stats["experts"]])
-        scores["moe"] = torch.stack([batch_aggregate(s, samples, batch_agg) for s in stats["moe"]])
+    scores = {"hidden": hidden, "cos": stats["cos_sum"] / stats["tokens"]}
+    for name in ("heads", "mlp", "experts", "moe"):  # per layer; mlp for dense models, the others for MoE
+        if name in stats:
+            scores[name] = torch.stack([batch_aggregate(s, samples, batch_agg) for s in stats[name]])
     return scores
 
 

@@ -35,10 +35,6 @@ def zero_shot_scores(student, teacher_hidden: List[torch.Tensor], teacher_head: 
     student.eval()
     student_softcap = logit_softcap(student.config)
 
-    def logits(hidden, weight, cap):
-        out = (hidden @ weight.T).float()
-        return softcapped(out, cap) if cap else out
-
     w_student = student.get_output_embeddings().weight[:vocab_size]
     w_teacher = teacher_head[:vocab_size].to(device)
     total = torch.zeros(3, dtype=torch.float64)  # sum of per-sequence CE, of per-sequence KL, weights
@@ -49,8 +45,8 @@ def zero_shot_scores(student, teacher_hidden: List[torch.Tensor], teacher_head: 
         targets = ids[:, 1:].flatten()
         ce, kl = [], []
         for rows in torch.arange(len(targets), device=device).split(LOSS_CHUNK_TOKENS):
-            logq = F.log_softmax(logits(hidden_s[rows], w_student, student_softcap), dim=-1)
-            logp = F.log_softmax(logits(hidden_t[rows], w_teacher, teacher_softcap), dim=-1)
+            logq = F.log_softmax(softcapped(hidden_s[rows] @ w_student.T, student_softcap).float(), dim=-1)
+            logp = F.log_softmax(softcapped(hidden_t[rows] @ w_teacher.T, teacher_softcap).float(), dim=-1)
             ce.append(F.nll_loss(logq, targets[rows], reduction="none"))
             kl.append((logp.exp() * (logp - logq)).sum(-1))
         per_seq = [torch.cat(x).view(ids.shape[0], -1).mean(1).double().cpu() for x in (ce, kl)]
