@@ -70,7 +70,7 @@ def measure(corpus: Path, tokenizer: Path, procs: int, work: Path) -> dict:
 def child(corpus: str, tokenizer: str, cache: str, procs: str) -> None:
     from minitron.config import DataConfig
     from minitron.data.packing import build_or_load
-    from minitron.dist.gang import LocalGang
+    from minitron.distributed.gang import LocalGang
 
     build_or_load(DataConfig(path=corpus, tokenizer=tokenizer, cache_dir=cache, num_proc=int(procs)), LocalGang())
 

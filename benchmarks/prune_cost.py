@@ -41,7 +41,7 @@ def random_teacher(args):
 
 @torch.no_grad()
 def time_calibration(args) -> dict:
-    from minitron.dist.gang import LocalGang
+    from minitron.distributed.gang import LocalGang
     from minitron.models.adapters import adapter_for
     from minitron.prune.importance import collect_activation_stats
 
@@ -70,7 +70,7 @@ def measure_memory_child(teacher: str, corpus: str, out: str, ffn: int, micro_ba
 
     from minitron.config import PruneJobConfig
     from minitron.data.packing import build_or_load
-    from minitron.dist.gang import init_gang
+    from minitron.distributed.gang import init_gang
     from minitron.prune.job import run_prune_job
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PruneJobConfig), {
@@ -103,7 +103,7 @@ def measure_memory(args) -> list:
     from minitron.config import DataConfig
     from minitron.data.packing import build_or_load
     from minitron.data.tokenizer import train_bpe_tokenizer
-    from minitron.dist.gang import LocalGang
+    from minitron.distributed.gang import LocalGang
 
     work = Path(tempfile.mkdtemp(prefix="prune_cost_"))
     corpus = work / "corpus"

@@ -62,8 +62,8 @@ def run_plain(model_name: str, steps: int) -> float:
 
 def run_minitron(model_name: str, steps: int) -> float:
     from minitron.data.sampler import BlockSampler
-    from minitron.dist.engine import deepspeed_config, initialize
-    from minitron.dist.gang import init_gang
+    from minitron.distributed.engine import deepspeed_config, initialize
+    from minitron.distributed.gang import init_gang
     from minitron.train.loop import lm_loss, train_loop
     from minitron.train.schedule import build_optimizer
     from minitron.train.tracking import NullTracker

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from minitron.data.packing import build_or_load
-from minitron.dist.gang import init_gang
+from minitron.distributed.gang import init_gang
 from minitron.train.checkpoint import tag_for
 from minitron.train.stopping import Interrupted
 
@@ -62,7 +62,7 @@ def export_model(engine, tokenizer, model_dir: Path, gang, model=None, extra_fil
     """A plain transformers checkpoint (safetensors + tokenizer) of `model` (default: the
     engine's whole module) plus `extra_files` {name: text}, renamed into place only once complete
     so a crash never leaves a directory that looks finished."""
-    from minitron.dist.engine import gathered_parameters  # deepspeed: only jobs with an engine export this way
+    from minitron.distributed.engine import gathered_parameters  # deepspeed: only jobs with an engine export this way
 
     tmp = model_dir.with_name(f".{model_dir.name}.tmp")
     with gathered_parameters(engine):

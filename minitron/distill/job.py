@@ -15,9 +15,9 @@ from minitron.config import ConfigError, DistillJobConfig, check_train_config
 from minitron.data.corpus import check_source
 from minitron.data.sampler import BlockSampler
 from minitron.data.tokenizer import check_tokenizer_files, load_tokenizer
-from minitron.dist.engine import (deepspeed_config, full_parameters, initialize, local_numel,
+from minitron.distributed.engine import (deepspeed_config, full_parameters, initialize, local_numel,
                                   place_frozen)
-from minitron.dist.gang import world_size_from_env
+from minitron.distributed.gang import world_size_from_env
 from minitron.distill import triton_kl
 from minitron.distill.distiller import Distiller
 from minitron.distill.hidden import make_projection, resolve_index

@@ -1,6 +1,6 @@
 """The frozen teacher: eval mode, no gradients, in the training dtype.
 
-How it is placed is decided outside (distill/job.py with dist/engine.py): replicated on every
+How it is placed is decided outside (distill/job.py with distributed/engine.py): replicated on every
 rank, or under ZeRO-3 partitioned by a DeepSpeed engine of its own without an optimizer (as
 DeepSpeed-Chat does with its reference model). Here it is only run.
 """

@@ -13,7 +13,7 @@ from pathlib import Path
 from minitron.config import ConfigError, EvalConfig, EvalJobConfig
 from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
-from minitron.dist.gang import init_gang
+from minitron.distributed.gang import init_gang
 from minitron.eval import harness
 from minitron.eval.perplexity import evaluate
 from minitron.eval.sample import greedy_sample

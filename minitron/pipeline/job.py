@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from minitron.config import (DistillJobConfig, LoggerConfig, ModelConfig, PipelineJobConfig, PruneJobConfig,
                              TrainJobConfig)
 from minitron.data.packing import build_or_load
-from minitron.dist.gang import init_gang
+from minitron.distributed.gang import init_gang
 from minitron.eval.job import evaluate_model
 from minitron.models.build import build_model, resolve_hf_config
 from minitron.pipeline import report

@@ -19,7 +19,7 @@ from minitron.config import (PIPELINE_STAGES, ConfigError, DistillJobConfig, Log
                              PruneExportConfig, SearchJobConfig, TargetConfig, check_train_config)
 from minitron.data.corpus import check_source
 from minitron.data.tokenizer import check_tokenizer_files
-from minitron.dist.gang import world_size_from_env
+from minitron.distributed.gang import world_size_from_env
 from minitron.eval.job import check_eval_options
 from minitron.logs import is_log_file
 from minitron.models.adapters import adapter_for

@@ -17,7 +17,7 @@ from pathlib import Path
 from minitron.config import ConfigError, PruneJobConfig, check_output_dir
 from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
-from minitron.dist.gang import init_gang
+from minitron.distributed.gang import init_gang
 from minitron.eval.perplexity import evaluate
 from minitron.logs import captured_output, is_log_file
 from minitron.models.adapters import adapter_for

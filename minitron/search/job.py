@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from minitron.config import (ConfigError, DistillJobConfig, LoggerConfig, SearchJobConfig, check_train_config)
 from minitron.data.packing import build_or_load
-from minitron.dist.gang import init_gang, world_size_from_env
+from minitron.distributed.gang import init_gang, world_size_from_env
 from minitron.logs import is_log_file
 from minitron.models.adapters import FamilyAdapter, adapter_for, logit_softcap
 from minitron.models.build import DTYPES, build_model, resolve_hf_config

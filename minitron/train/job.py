@@ -9,8 +9,8 @@ import math
 from minitron.config import ConfigError, TrainJobConfig, check_train_config
 from minitron.data.corpus import check_source
 from minitron.data.sampler import BlockSampler
-from minitron.dist.engine import deepspeed_config, initialize
-from minitron.dist.gang import world_size_from_env
+from minitron.distributed.engine import deepspeed_config, initialize
+from minitron.distributed.gang import world_size_from_env
 from minitron.models.build import (build_model, check_checkpoint_files, count_params, has_tokenizer, max_positions,
                                    resolve_hf_config, with_tokenizer_ids)
 from minitron.run import begin_training, export_model, start_run, stop_interrupted, write_json_atomic

@@ -419,7 +419,7 @@ def run_entry_point(monkeypatch, capfd):
 def pruned(tmp_path_factory, tiny_teacher, corpus_dir) -> Path:
     """A finished minitron-prune output of the tiny teacher (also the distillation's student):
     the prune job run here on a single-process gang, not in a process group of its own."""
-    from minitron.dist.gang import LocalGang
+    from minitron.distributed.gang import LocalGang
     from minitron.prune.job import run_prune_job
 
     @dataclasses.dataclass

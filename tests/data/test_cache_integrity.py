@@ -14,7 +14,7 @@ from conftest import compose_job, corpus_texts, run_cli, tiny_args
 from minitron.config import ConfigError, DataConfig, DataSource
 from minitron.data.build import damage, seal
 from minitron.data.packing import build_or_load, open_layout, prepare
-from minitron.dist.gang import LocalGang
+from minitron.distributed.gang import LocalGang
 
 
 def truncate(file):

@@ -11,7 +11,7 @@ from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
 from minitron.data.sampler import BlockSampler
 from minitron.data.tokenizer import train_bpe_tokenizer
-from minitron.dist.gang import LocalGang
+from minitron.distributed.gang import LocalGang
 
 
 def write_megatron_pair(prefix, documents, dtype=np.uint16):

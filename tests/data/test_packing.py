@@ -10,7 +10,7 @@ from minitron.data import build
 from minitron.data.corpus import is_validation
 from minitron.data.packing import build_or_load
 from minitron.data.tokenizer import load_tokenizer, train_bpe_tokenizer
-from minitron.dist.gang import LocalGang
+from minitron.distributed.gang import LocalGang
 
 
 def reference_blocks(docs, val_fraction, vocab_size, seq_len):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minitron.config import DepthConfig
-from minitron.dist.gang import LocalGang
+from minitron.distributed.gang import LocalGang
 from minitron.models.adapters import adapter_for
 from minitron.prune.importance import (batch_aggregate, collect_activation_stats, removal_losses,
                                        scores_from_stats, seq_aggregate)

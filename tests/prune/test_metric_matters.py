@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from minitron.config import DepthConfig
-from minitron.dist.gang import LocalGang
+from minitron.distributed.gang import LocalGang
 from minitron.models.adapters import adapter_for
 from minitron.prune.importance import collect_activation_stats, removal_losses, scores_from_stats
 from minitron.prune.select import select_kept

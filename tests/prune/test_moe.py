@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import compose_job
 from minitron.config import ConfigError, DepthConfig, PruneExportConfig
-from minitron.dist.gang import LocalGang
+from minitron.distributed.gang import LocalGang
 from minitron.models.adapters import adapter_for
 from minitron.models.build import count_params, head_dim_of
 from minitron.models.weights import model_weights

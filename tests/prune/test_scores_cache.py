@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import compose_job
 from minitron.data.packing import build_or_load
-from minitron.dist.gang import LocalGang
+from minitron.distributed.gang import LocalGang
 from minitron.models.adapters import adapter_for
 from minitron.prune import scores
 

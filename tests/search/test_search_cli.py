@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import compose_job, run_cli
 from minitron.config import ConfigError
-from minitron.dist.gang import LocalGang
+from minitron.distributed.gang import LocalGang
 from minitron.search.job import check_run_inputs, plan_search
 from minitron.search.zero_shot import final_hidden_states, zero_shot_scores
 from prune.random_models import random_model

@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from minitron.config import DeepSpeedConfig, TrainConfig
 from minitron.data.sampler import BlockSampler
-from minitron.dist.engine import deepspeed_config, initialize
-from minitron.dist.gang import LocalGang, init_gang
+from minitron.distributed.engine import deepspeed_config, initialize
+from minitron.distributed.gang import LocalGang, init_gang
 from minitron.eval import perplexity
 from minitron.eval.perplexity import evaluate
 from minitron.train.loop import lm_loss, train_loop

@@ -1,6 +1,6 @@
 import torch
 
-from minitron.dist.gang import LocalGang, launcher_env
+from minitron.distributed.gang import LocalGang, launcher_env
 
 
 def test_slurm_variables_become_torch_distributed_ones(monkeypatch):

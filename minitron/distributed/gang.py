@@ -1,7 +1,7 @@
 """The "gang": the few collectives the rest of minitron needs, behind one small object.
 
 `LocalGang` is the single-process implementation (tests use it directly); `TorchGang` wraps an
-initialised torch.distributed process group. Code outside minitron/dist/ only sees these methods.
+initialised torch.distributed process group. Code outside minitron/distributed/ only sees these methods.
 """
 import os
 from dataclasses import dataclass
