@@ -114,8 +114,10 @@ class TrainConfig:
     """Length of the warmup + cosine schedule; unset: max_steps. A run whose max_steps is below it
     is one segment of a longer run: it checkpoints its last step, and a later run with more
     max_steps continues the same schedule from there (the search's successive halving does this)."""
-    micro_batch_size: int = 8
-    """Sequences per rank per forward pass."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per rank per forward pass; unset: global_batch_size / processes, or the largest
+    divisor of it up to 8 (gradient accumulation makes up the rest), so one config runs at any
+    process count that divides the global batch."""
     global_batch_size: int = 8
     """Sequences per optimizer step over all ranks; gradient accumulation makes up the rest."""
     lr: float = 2e-3
@@ -565,6 +567,10 @@ def check_train_config(cfg, world_size: int) -> None:
     if t.schedule_steps is not None and t.schedule_steps < t.max_steps:
         raise ConfigError(f"train.schedule_steps: {t.schedule_steps} is below train.max_steps={t.max_steps}; "
                           "unset it, or make it at least max_steps")
+    if t.global_batch_size < 1:
+        raise ConfigError(f"train.global_batch_size: must be at least 1, got {t.global_batch_size}")
+    if t.micro_batch_size is None:
+        t.micro_batch_size = auto_micro_batch_size(t.global_batch_size, world_size)
     if t.micro_batch_size < 1:
         raise ConfigError(f"train.micro_batch_size: must be at least 1, got {t.micro_batch_size}")
     per_step = t.micro_batch_size * world_size
@@ -595,6 +601,21 @@ def check_train_config(cfg, world_size: int) -> None:
     stage = cfg.deepspeed.zero_optimization.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage: must be 0-3, got {stage}")
+
+
+AUTO_MICRO_BATCH_MAX = 8
+"""The most sequences per forward pass an unset train.micro_batch_size picks (the old default)."""
+
+
+def auto_micro_batch_size(global_batch_size: int, world_size: int) -> int:
+    """The micro batch for an unset train.micro_batch_size: each rank's share of the global batch,
+    or its largest divisor up to AUTO_MICRO_BATCH_MAX, the rest by accumulation (DeepSpeed likewise
+    derives the third of its batch keys from the other two)."""
+    if global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size: {global_batch_size} sequences do not split evenly over "
+                          f"{world_size} processes; make it a multiple of {world_size}")
+    per_rank = global_batch_size // world_size
+    return max(d for d in range(1, min(per_rank, AUTO_MICRO_BATCH_MAX) + 1) if per_rank % d == 0)
 
 
 def check_output_dir(output_dir: str) -> None:

@@ -207,7 +207,8 @@ CASES = [
     case("train", "schedule-steps", lambda x: ["train.schedule_steps=2"], "train.schedule_steps: 2 is below"),
     case("train", "warmup", lambda x: ["train.warmup_steps=-5"], "train.warmup_steps: must be at least 0"),
     case("train", "micro-batch", lambda x: ["train.micro_batch_size=0"], "train.micro_batch_size: must be at least 1"),
-    case("train", "global-batch", lambda x: ["train.global_batch_size=6"], "train.global_batch_size: 6 is not"),
+    case("train", "global-batch", lambda x: ["train.global_batch_size=6", "train.micro_batch_size=4"],
+         "train.global_batch_size: 6 is not"),
     case("train", "weight-decay", lambda x: ["train.weight_decay=-1"], "train.weight_decay: must be at least 0"),
     case("train", "beta2", lambda x: ["train.beta2=1.5"], "train.beta2: must be in [0, 1)"),
     case("train", "min-lr-ratio", lambda x: ["train.min_lr_ratio=1.5"], "train.min_lr_ratio: must be in [0, 1]"),
@@ -464,6 +465,28 @@ def test_bad_input_is_one_line_before_any_work_and_leaves_nothing(bad, inputs, r
     assert after == before, {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
                              "changed": sorted(k for k in set(after) & set(before) if after[k] != before[k])}
     assert tree(inputs.teacher.parent) == teacher_before
+
+
+@pytest.mark.parametrize("command, key", [("train", "train"), ("distill", "train"), ("search", "train"),
+                                          ("pipeline", "pretrain")])
+def test_a_world_size_that_does_not_split_the_batch_is_one_line_naming_the_key(command, key, inputs,
+                                                                             run_entry_point, monkeypatch):
+    """As launched by torchrun with 3 processes (rank 0's view): the batch keys left at their
+    defaults (8 sequences, the micro batch derived) do not split over 3, found before any work."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    argv = [a for a in base_args(command, inputs) if "batch_size=" not in a or "calibration" in a]
+    before = tree(inputs.tmp)
+
+    status, stderr = run_entry_point(command, argv)
+
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == 2 and lines == [f"error: {key}.global_batch_size: 8 sequences do not split evenly over 3 "
+                                     "processes; make it a multiple of 3"], (status, stderr[-3000:])
+    assert tree(inputs.tmp) == before
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -43,6 +43,25 @@ def test_batch_divisibility_names_the_key():
         check_train_config(job, world_size=2)
 
 
+@pytest.mark.parametrize("global_batch, world, micro", [(8, 1, 8), (8, 2, 4), (8, 8, 1), (32, 2, 8),
+                                                       (24, 1, 8), (12, 1, 6), (7, 1, 7), (36, 4, 3)])
+def test_an_unset_micro_batch_fits_any_process_count_that_divides_the_global_batch(global_batch, world, micro):
+    job = TrainJobConfig()
+    job.train.global_batch_size = global_batch
+    check_train_config(job, world_size=world)
+    assert job.train.micro_batch_size == micro
+    accumulation = global_batch // (micro * world)
+    assert micro * world * accumulation == global_batch and micro <= 8
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_names_the_key():
+    job = TrainJobConfig()
+    job.train.global_batch_size = 8
+    with pytest.raises(ConfigError, match=r"^train.global_batch_size: 8 sequences do not split evenly over 3 "
+                                          r"processes; make it a multiple of 3$"):
+        check_train_config(job, world_size=3)
+
+
 def test_deepspeed_launcher_argument_moves_to_the_environment(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv("RANK", "1")
