@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import PRUNE, compose_job, logged_steps, read_metrics, run_cli
 from minitron.config import ConfigError
 from minitron.distill.job import check_distill_inputs
-from dist.test_multiprocess import free_port
+from distributed.test_multiprocess import free_port
 
 DISTILL = [sys.executable, "-m", "minitron.cli.distill"]
 # The student has one layer: match the embedding outputs and the final normed hidden states.

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import logged_steps, read_metrics, run_cli, tiny_args
-from dist.test_multiprocess import TRAIN_PY, free_port
+from distributed.test_multiprocess import TRAIN_PY, free_port
 from minitron.train.checkpoint import MANIFEST, newest_usable
 from minitron.train.stopping import EXIT_INTERRUPTED
 
