@@ -5,6 +5,7 @@ here with a comment on what it means. Checks that need no data or model (cheap) 
 `check_*` functions so every entry point can run them before any expensive work.
 """
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -51,6 +52,22 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Let a checkpoint whose config.json names code of its own (`auto_map`) run that code when it
     loads. Off, such a checkpoint is refused before anything of it is imported."""
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The frozen teacher of a distillation: a model, and where its ZeRO-3 partitions live."""
+    offload: str = "none"
+    """cpu: under ZeRO-3 its parameter partitions stay in CPU memory and each layer is copied to
+    the device for its forward pass (a teacher larger than the GPUs' memory, at the cost of the
+    copies); none: on the device."""
+
+
+@dataclass
+class ExportConfig:
+    max_shard_size: str = "50GB"
+    """The exported model's safetensors files hold at most this much each (5GB, 500MB, 2GiB or
+    bytes), with model.safetensors.index.json past one file; save_pretrained's default."""
 
 
 @dataclass
@@ -196,6 +213,8 @@ class TrainJobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """How the trained model (model/) is written."""
 
 
 @dataclass
@@ -339,7 +358,7 @@ class DistillJobConfig:
     to the terminal too with `debug`."""
     resume: str = "auto"
     """auto: continue from the newest checkpoint in output_dir if there is one; never: start fresh."""
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """The frozen teacher: `teacher.path` (not needed by distill=lm)."""
     student: ModelConfig = field(default_factory=ModelConfig)
     """The student: `student.path`, e.g. a minitron-prune output (student.init=random to start over)."""
@@ -349,6 +368,8 @@ class DistillJobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     """The loss (distill=<preset>): logit divergence, cross-entropy weight, hidden-state pairs."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """How the distilled student (model/) is written."""
 
 
 @dataclass
@@ -601,6 +622,26 @@ def check_train_config(cfg, world_size: int) -> None:
     stage = cfg.deepspeed.zero_optimization.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage: must be 0-3, got {stage}")
+    if hasattr(cfg, "export"):
+        parse_size(cfg.export.max_shard_size, "export.max_shard_size")
+    offload = getattr(getattr(cfg, "teacher", None), "offload", "none")
+    if offload not in ("none", "cpu"):
+        raise ConfigError(f"teacher.offload: must be none or cpu, got {offload!r}")
+    if offload == "cpu" and stage != 3:
+        raise ConfigError(f"teacher.offload: cpu offloads ZeRO-3 partitions, but deepspeed.zero_optimization.stage "
+                          f"is {stage}; use deepspeed=zero3 or teacher.offload=none")
+
+
+SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text, key: str) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes (save_pretrained's max_shard_size) in bytes."""
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([KMG]I?B|B)?", str(text).strip().upper())
+    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2)]) if match else 0
+    if size < 1:
+        raise ConfigError(f"{key}: must be a size such as 5GB, 500MB or a number of bytes, got {text!r}")
+    return size
 
 
 AUTO_MICRO_BATCH_MAX = 8

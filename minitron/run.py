@@ -58,23 +58,36 @@ def stop_interrupted(result, out: Path, checkpoints: Path, max_steps: int, track
                       f"{checkpoint_dir}; run the same command again (resume=auto) to continue")
 
 
-def export_model(engine, tokenizer, model_dir: Path, gang, model=None, extra_files=None) -> Path:
+def export_model(engine, tokenizer, model_dir: Path, gang, max_shard_size: str, model=None,
+                 extra_files=None) -> Path:
     """A plain transformers checkpoint (safetensors + tokenizer) of `model` (default: the
     engine's whole module) plus `extra_files` {name: text}, renamed into place only once complete
-    so a crash never leaves a directory that looks finished."""
-    from minitron.distributed.engine import gathered_parameters  # deepspeed: only jobs with an engine export this way
+    so a crash never leaves a directory that looks finished. Under ZeRO-3 rank 0 streams it out one
+    gathered parameter at a time (no rank holds the whole model); otherwise save_pretrained."""
+    from minitron.config import parse_size
+    from minitron.distributed.sharded import export_streamed  # deepspeed: only jobs with an engine export
 
+    model = model if model is not None else engine.module
+    max_shard_bytes = parse_size(max_shard_size, "export.max_shard_size")
     tmp = model_dir.with_name(f".{model_dir.name}.tmp")
-    with gathered_parameters(engine):
+    if gang.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if engine.zero_optimization_stage() == 3:
         if gang.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (model or engine.module).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
-            follow_umask(tmp)
-            shutil.rmtree(model_dir, ignore_errors=True)
-            os.replace(tmp, model_dir)
+            model.config.save_pretrained(tmp)
+            if model.can_generate() and model.generation_config is not None:
+                model.generation_config.save_pretrained(tmp)
+        export_streamed(model, tmp, max_shard_bytes)
+    elif gang.rank == 0:
+        model.save_pretrained(tmp, max_shard_size=max_shard_bytes)
+    if gang.rank == 0:
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        follow_umask(tmp)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(tmp, model_dir)
     gang.barrier()
     return model_dir
 

@@ -63,6 +63,17 @@ def tiny_teacher(tmp_path_factory, corpus_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pruned_student(tmp_path_factory, tiny_teacher, corpus_dir) -> Path:
+    """The tiny teacher pruned in width (hidden 64 -> 48, ffn 176 -> 96, heads 4 -> 2) and depth (2 -> 1)."""
+    out = tmp_path_factory.mktemp("student") / "pruned"
+    run_cli([f"model.path={tiny_teacher}", f"data.path={corpus_dir}", "data.seq_len=64", f"output_dir={out}",
+             "prune.calibration.num_samples=16", "prune.calibration.micro_batch_size=4", "prune.depth.eval_blocks=8",
+             "prune.export.hidden_size=48", "prune.export.ffn_hidden_size=96", "prune.export.num_attention_heads=2",
+             "prune.export.num_layers=1"], launcher=PRUNE)
+    return out
+
+
+@pytest.fixture(scope="session")
 def embedded_pipeline(tmp_path_factory):
     """README command 1 as written (only output_dir differs): the embedded pipeline, from
     pretraining the default teacher to the evaluated students, run once per session and shared by

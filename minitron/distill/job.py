@@ -15,8 +15,9 @@ from minitron.config import ConfigError, DistillJobConfig, check_train_config
 from minitron.data.corpus import check_source
 from minitron.data.sampler import BlockSampler
 from minitron.data.tokenizer import check_tokenizer_files, load_tokenizer
-from minitron.distributed.engine import (deepspeed_config, full_parameters, initialize, local_numel,
-                                  place_frozen)
+from minitron.distributed.engine import (deepspeed_config, frozen_config, full_parameters, initialize, local_numel,
+                                         place_frozen)
+from minitron.distributed.sharded import build_for_engine
 from minitron.distributed.gang import world_size_from_env
 from minitron.distill import triton_kl
 from minitron.distill.distiller import Distiller
@@ -24,8 +25,9 @@ from minitron.distill.hidden import make_projection, resolve_index
 from minitron.distill.losses import DIVERGENCES
 from minitron.distill.teacher import Teacher, freeze
 from minitron.eval.perplexity import evaluate
+from minitron.memory import measure
 from minitron.models.adapters import ADAPTERS
-from minitron.models.build import (DTYPES, build_model, check_checkpoint_files, count_params, has_tokenizer,
+from minitron.models.build import (DTYPES, check_checkpoint_files, count_params, has_tokenizer,
                                    local_checkpoint, max_positions, resolve_hf_config, weight_files)
 from minitron.run import begin_training, export_model, start_run, stop_interrupted, write_json_atomic
 from minitron.train import checkpoint, flops
@@ -175,7 +177,8 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
     world = gang.world_size
     ds_config = deepspeed_config(cfg.train, cfg.deepspeed, world)
 
-    student = build_model(cfg.student, student_cfg, seed=cfg.seed, dtype=dtype)
+    memory_mark = measure.reset_peak(gang.device)
+    student = build_for_engine(cfg.student, student_cfg, cfg.seed, dtype, ds_config, "student")
     projection = None
     if pairs and student_cfg.hidden_size != teacher_cfg.hidden_size:
         projection = make_projection(student_cfg.hidden_size, teacher_cfg.hidden_size,
@@ -227,6 +230,7 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
         "preset": cfg.distill.name,
         "attn_implementation": student.config._attn_implementation,
         "output_model": str((out / "model").resolve()),
+        "memory": measure.per_rank(gang, memory_mark, device),
     }
     manifest = {"teacher": cfg.teacher.path if teacher is not None else None, "student": cfg.student.path,
                 "student_init": cfg.student.init, "preset": cfg.distill.name,
@@ -236,7 +240,8 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
     pruning = Path(cfg.student.path) / "pruning.json"
     if pruning.is_file() and cfg.student.init == "pretrained":  # a random init owes nothing to pruning
         extra_files["pruning.json"] = pruning.read_text()
-    export_model(engine, tokenizer, out / "model", gang, model=distiller.student, extra_files=extra_files)
+    export_model(engine, tokenizer, out / "model", gang, cfg.export.max_shard_size, model=distiller.student,
+                 extra_files=extra_files)
     tracker.log({"final/val_loss": summary["val_loss"], "final/val_ppl": summary["val_ppl"],
                  **({"final/mfu": summary["mfu"]} if summary["mfu"] is not None else {})}, step=result.steps)
     tracker.finish()
@@ -249,12 +254,15 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
 
 def load_teacher(cfg, teacher_cfg, pairs, dtype, ds_config, gang, device):
     """The frozen teacher, replicated or (ZeRO-3) sharded, and what it costs each rank."""
-    model = freeze(build_model(cfg.teacher, teacher_cfg, seed=cfg.seed, dtype=dtype))
-    run, model = place_frozen(model, ds_config, device)
+    frozen = frozen_config(ds_config, cfg.teacher.offload)
+    model = freeze(build_for_engine(cfg.teacher, teacher_cfg, cfg.seed, dtype, frozen, "teacher"))
+    run, model = place_frozen(model, frozen, device)
     info = _teacher_memory(model, gang)
+    where = "replicated"
+    if ds_config["zero_optimization"].get("stage") == 3:
+        where = "ZeRO-3 shards" + (" in CPU memory" if cfg.teacher.offload == "cpu" else "")
     log.info("teacher: %s parameters, %.3f GiB on each rank (%s)", f"{info['teacher_params']:,}",
-             info["teacher_bytes_per_rank"][gang.rank] / 2**30,
-             "ZeRO-3 shards" if ds_config["zero_optimization"].get("stage") == 3 else "replicated")
+             info["teacher_bytes_per_rank"][gang.rank] / 2**30, where)
     return Teacher(model, run, sorted({t for _, t in pairs}), full_parameters), info
 
 

@@ -1,5 +1,6 @@
 """DeepSpeed engines: the config derived from `train` + `deepspeed`, and engine construction."""
 import contextlib
+import copy
 from typing import Any, Dict
 
 import torch
@@ -50,13 +51,6 @@ def _record_fp32_clip_norm(engine) -> None:
     engine.clip_fp32_gradients = clip_and_record
 
 
-def gathered_parameters(engine):
-    """Context in which every parameter holds its full value (ZeRO-3 partitions them)."""
-    if engine.zero_optimization_stage() == 3:
-        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 def full_parameters(params):
     """Context in which `params` hold their full values; a no-op for parameters ZeRO-3 does not
     partition."""
@@ -74,16 +68,35 @@ def local_numel(param: torch.nn.Parameter) -> int:
     return param.ds_tensor.numel() + (param.ds_numel if getattr(param, "ds_persist", False) else 0)
 
 
-def place_frozen(model: torch.nn.Module, train_config: Dict[str, Any], device: torch.device):
-    """(run, model) for a frozen model next to a trained one: under ZeRO-3 it is partitioned by a
-    DeepSpeed engine of its own with no optimizer (DeepSpeed-Chat's reference-model recipe), so
-    each rank holds 1/world of it; otherwise it is replicated. `run` does a forward pass."""
-    if train_config["zero_optimization"].get("stage", 0) != 3:
-        model = model.to(device)
-        return model, model
+def frozen_config(train_config: Dict[str, Any], offload: str = "none") -> Dict[str, Any]:
+    """The DeepSpeed config of a frozen model next to a trained one (train_config's): its batch,
+    precision and ZeRO keys, no optimizer; with offload=cpu its ZeRO-3 partitions live in CPU
+    memory (`offload_param`) and each module is fetched to the device for its forward pass."""
     keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
             "zero_optimization", "bf16", "steps_per_print", "wall_clock_breakdown")
+    config = {k: copy.deepcopy(train_config[k]) for k in keep if k in train_config}
+    zero = config["zero_optimization"]
+    # A frozen forward-only model has no reuse worth keeping a gathered layer for (DeepSpeed keeps
+    # one whose next use is within 1e9 parameters, more than most teachers hold).
+    zero.setdefault("stage3_max_reuse_distance", 0)
+    if not torch.cuda.is_available():
+        # Prefetching overlaps gathering the next layers with this one's compute on a GPU; over
+        # gloo there is nothing to overlap, and measured on 2 CPU ranks it gathered a 300M teacher
+        # whole during its forward pass from the second step on.
+        zero.setdefault("stage3_prefetch_bucket_size", 0)
+    if offload == "cpu":
+        config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return config
+
+
+def place_frozen(model: torch.nn.Module, frozen: Dict[str, Any], device: torch.device):
+    """(run, model) for a frozen model: under ZeRO-3 (`frozen`, from frozen_config) it is
+    partitioned by a DeepSpeed engine of its own with no optimizer (DeepSpeed-Chat's
+    reference-model recipe), so each rank holds 1/world of it; otherwise it is replicated. `run`
+    does a forward pass."""
+    if frozen["zero_optimization"].get("stage", 0) != 3:
+        model = model.to(device)
+        return model, model
     with captured_output():
-        engine, _, _, _ = deepspeed.initialize(model=model,
-                                               config={k: train_config[k] for k in keep if k in train_config})
+        engine, _, _, _ = deepspeed.initialize(model=model, config=frozen)
     return engine, engine.module

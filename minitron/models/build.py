@@ -222,6 +222,82 @@ def choose_attn_implementation(requested: str = "auto") -> Optional[str]:
     return None
 
 
+def causal_lm_class(hf_config):
+    """The transformers class AutoModelForCausalLM makes for this config (its module imported)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
+
+
+def why_not_tensor_by_tensor(path: str, hf_config) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be loaded one tensor at a time by its tensor names (a
+    reason), or None if it can: every tensor in its safetensors files is a parameter or persistent
+    buffer of the model, under the same name, in a dtype torch reads."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if getattr(hf_config, "auto_map", None):
+        return "its model is code of its own"
+    if type(hf_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return f"transformers has no causal LM for {hf_config.model_type!r}"
+    files = weight_files(path)
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        return "its weights are not all safetensors files"
+    headers = {name: entry for file in files for name, entry in safetensors_header(file)[0].items()}
+    odd = sorted({entry.get("dtype") for entry in headers.values()} - set(SAFETENSORS_DTYPES))
+    if odd:
+        return f"it holds tensors of dtype {odd[0]}"
+    with torch.device("meta"):
+        expected = set(causal_lm_class(hf_config)._from_config(hf_config).state_dict())
+    unknown = sorted(set(headers) - expected)
+    if unknown:
+        return f"{len(unknown)} tensor name(s) are not the model's, e.g. {unknown[0]!r}"
+    return None
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_header(file: Path):
+    """({tensor name: {dtype, shape, data_offsets}}, where the data starts) of a safetensors file."""
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
+def checkpoint_tensors(path: str):
+    """(name, read) for every tensor of a checkpoint's safetensors files; read() returns that one
+    tensor. Plain reads, not a memory map: the mapped pages of a file read through would count
+    in the process's resident memory until it is closed, that is a whole shard at a time."""
+    for file in weight_files(path):
+        header, data_start = safetensors_header(file)
+        with open(file, "rb") as f:
+            for name, entry in header.items():
+                yield name, (lambda f=f, entry=entry: _read_tensor(f, entry, data_start))
+
+
+def _read_tensor(f, entry: dict, data_start: int) -> torch.Tensor:
+    begin, end = entry["data_offsets"]
+    f.seek(data_start + begin)
+    data = bytearray(end - begin)
+    f.readinto(data)
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    if not data:
+        return torch.empty(entry["shape"], dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+
+
+def attach_generation_config(model, path: str) -> None:
+    """The checkpoint's generation_config.json, as from_pretrained would attach it."""
+    from transformers import GenerationConfig
+
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+
+
 def build_model(cfg: ModelConfig, hf_config, seed: int, dtype: torch.dtype = torch.float32):
     """A causal LM in `dtype`: loaded from `cfg.path`, or freshly initialised from `seed` (a
     preset, or `cfg.init=random` with the checkpoint's architecture)."""

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from omegaconf import OmegaConf
 
 from minitron.config import (DistillJobConfig, LoggerConfig, ModelConfig, PipelineJobConfig, PruneJobConfig,
-                             TrainJobConfig)
+                             TeacherConfig, TrainJobConfig)
 from minitron.data.packing import build_or_load
 from minitron.distributed.gang import init_gang
 from minitron.eval.job import evaluate_model
@@ -204,7 +204,7 @@ def distill_target(cfg, target: Target, teacher: Model, student: Model, data, ou
     key = spec_key("distill", teacher.key, student.key, data, cfg.distill, cfg.train, cfg.seed)
     run = out / "distill" / f"{target.name}-{key}"
     job = DistillJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto",
-                           teacher=ModelConfig(name="teacher", path=teacher.path),
+                           teacher=TeacherConfig(name="teacher", path=teacher.path),
                            student=ModelConfig(name="student", path=student.path), data=data, train=cfg.train,
                            deepspeed=cfg.deepspeed, logger=NO_LOGGER, distill=cfg.distill)
     ledger.run("distill", target.name, run / "summary.json", f"distill/{target.name}",

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from minitron.config import (ConfigError, DistillJobConfig, LoggerConfig, SearchJobConfig, check_train_config)
+from minitron.config import (ConfigError, DistillJobConfig, LoggerConfig, SearchJobConfig, TeacherConfig,
+                             check_train_config)
 from minitron.data.packing import build_or_load
 from minitron.distributed.gang import init_gang, world_size_from_env
 from minitron.logs import is_log_file
@@ -93,7 +94,7 @@ def check_run_inputs(cfg: SearchJobConfig, plan: Plan) -> DistillJobConfig:
     ranking.halving_rounds(len(plan.chosen), cfg.train.max_steps, s.halving)
     check_teacher_checkpoint(cfg, plan.teacher_config)
     template = DistillJobConfig(
-        output_dir="", seed=cfg.seed, resume="auto", teacher=dataclasses.replace(cfg.model, name="teacher"),
+        output_dir="", seed=cfg.seed, resume="auto", teacher=TeacherConfig(**{**dataclasses.asdict(cfg.model), "name": "teacher"}),
         data=copy.deepcopy(cfg.data), train=dataclasses.replace(cfg.train, schedule_steps=cfg.train.max_steps),
         deepspeed=copy.deepcopy(cfg.deepspeed), logger=LoggerConfig(backend="none"),
         distill=copy.deepcopy(cfg.distill))

@@ -6,12 +6,15 @@ costs seconds, not a tokenisation pass or a model build.
 import logging
 import math
 
+import torch
+
 from minitron.config import ConfigError, TrainJobConfig, check_train_config
 from minitron.data.corpus import check_source
 from minitron.data.sampler import BlockSampler
 from minitron.distributed.engine import deepspeed_config, initialize
 from minitron.distributed.gang import world_size_from_env
-from minitron.models.build import (build_model, check_checkpoint_files, count_params, has_tokenizer, max_positions,
+from minitron.distributed.sharded import build_for_engine
+from minitron.models.build import (check_checkpoint_files, count_params, has_tokenizer, max_positions,
                                    resolve_hf_config, with_tokenizer_ids)
 from minitron.run import begin_training, export_model, start_run, stop_interrupted, write_json_atomic
 from minitron.train import checkpoint
@@ -53,10 +56,10 @@ def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
     log.info("model: %s parameters; data: %d train / %d val blocks of %d tokens (cache %s)",
              f"{params:,}", len(data.train), len(data.val), cfg.data.seq_len, data.cache_dir)
 
-    model = build_model(cfg.model, hf_config, seed=cfg.seed)
+    ds_config = deepspeed_config(cfg.train, cfg.deepspeed, gang.world_size)
+    model = build_for_engine(cfg.model, hf_config, cfg.seed, torch.float32, ds_config, "model")
     optimizer, scheduler = build_optimizer(model, cfg.train)
-    engine = initialize(model, optimizer, scheduler,
-                        deepspeed_config(cfg.train, cfg.deepspeed, gang.world_size))
+    engine = initialize(model, optimizer, scheduler, ds_config)
 
     ckpt_root = out / "checkpoints"
     start_step = checkpoint.resume(engine, ckpt_root, cfg.resume, gang)
@@ -73,7 +76,7 @@ def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
     if result.interrupted:
         stop_interrupted(result, out, ckpt_root, cfg.train.max_steps, tracker, gang)
 
-    model_dir = export_model(engine, tokenizer, out / "model", gang)
+    model_dir = export_model(engine, tokenizer, out / "model", gang, cfg.export.max_shard_size)
     summary = {
         "val_loss": result.val_loss,
         "val_ppl": math.exp(min(result.val_loss, 50.0)),

@@ -21,9 +21,12 @@ def schedule_length(cfg: TrainConfig) -> int:
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     """Weight decay on matrices only: norms and biases are not decayed (the usual LLM recipe)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    # A parameter created partitioned (ZeRO-3) is an empty 1-d tensor until gathered; its shape
+    # is the ds_shape DeepSpeed keeps on it.
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p, m in zip(params, matrix) if m], "weight_decay": cfg.weight_decay},
+        {"params": [p for p, m in zip(params, matrix) if not m], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

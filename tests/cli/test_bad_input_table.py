@@ -381,9 +381,9 @@ def run_entry_point(monkeypatch, capfd):
         return stand_in
 
     for module, names in (("minitron.run", ["init_gang", "build_or_load"]),
-                          ("minitron.train.job", ["build_model"]),
+                          ("minitron.train.job", ["build_for_engine"]),
                           ("minitron.prune.job", ["init_gang", "build_or_load", "build_model"]),
-                          ("minitron.distill.job", ["build_model"]),
+                          ("minitron.distill.job", ["build_for_engine"]),
                           ("minitron.eval.job", ["init_gang", "build_or_load", "build_model"]),
                           ("minitron.search.job", ["init_gang", "build_or_load", "build_model"]),
                           ("minitron.pipeline.job", ["init_gang", "build_or_load", "build_model"])):

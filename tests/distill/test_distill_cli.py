@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import PRUNE, compose_job, logged_steps, read_metrics, run_cli
+from conftest import compose_job, logged_steps, read_metrics, run_cli
 from minitron.config import ConfigError
 from minitron.distill.job import check_distill_inputs
 from distributed.test_multiprocess import free_port
@@ -35,14 +35,8 @@ def distill_args(teacher, student, corpus_dir, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory, tiny_teacher, corpus_dir):
-    """The tiny teacher pruned in width (hidden 64 -> 48, ffn 176 -> 96, heads 4 -> 2) and depth (2 -> 1)."""
-    out = tmp_path_factory.mktemp("student") / "pruned"
-    run_cli([f"model.path={tiny_teacher}", f"data.path={corpus_dir}", "data.seq_len=64", f"output_dir={out}",
-             "prune.calibration.num_samples=16", "prune.calibration.micro_batch_size=4", "prune.depth.eval_blocks=8",
-             "prune.export.hidden_size=48", "prune.export.ffn_hidden_size=96", "prune.export.num_attention_heads=2",
-             "prune.export.num_layers=1"], launcher=PRUNE)
-    return out
+def student(pruned_student):
+    return pruned_student
 
 
 # Every parameter partitioned under ZeRO-3 (by default small ones stay whole on each rank).

@@ -1,0 +1,1 @@
+"""Memory: what a run used (measure.py) and what one will need (plan.py)."""
