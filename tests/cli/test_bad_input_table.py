@@ -261,6 +261,11 @@ CASES = [
     case("prune", "unknown-key", lambda x: ["prune.export.hidden=32"], "prune.export.hidden", hydra=True),
     case("prune", "unknown-deepspeed", lambda x: ["deepspeed=zero9"], "deepspeed: unknown preset 'zero9'"),
     # -- minitron-distill --------------------------------------------------------------------
+    case("distill", "offload-without-zero3", lambda x: ["teacher.offload=cpu"],
+         "teacher.offload: cpu offloads ZeRO-3 partitions, but deepspeed.zero_optimization.stage is 0"),
+    case("distill", "offload-unknown", lambda x: ["teacher.offload=nvme"], "teacher.offload: must be none or cpu"),
+    case("distill", "shard-size", lambda x: ["export.max_shard_size=huge"], "export.max_shard_size: must be a size"),
+    case("train", "shard-size-zero", lambda x: ["export.max_shard_size=0"], "export.max_shard_size: must be a size"),
     case("distill", "missing-teacher", lambda x: [f"teacher.path={x.tmp / 'none'}"], "teacher.path: no such directory"),
     case("distill", "no-student", lambda x: ["student.path=null"], "student.path: set it"),
     case("distill", "student-is-a-corpus", lambda x: [f"student.path={x.corpus}"],

@@ -61,6 +61,20 @@ def test_two_processes_match_one(tmp_path, corpus_dir, single_process, stage, ki
     check_matches_one_process(out, single_process)
 
 
+def test_zero3_streams_a_sharded_export_equal_to_one_process(tmp_path, corpus_dir, single_process):
+    """ZeRO-3 over 2 processes with every parameter partitioned: rank 0 streams the export one
+    gathered parameter at a time; with a small export.max_shard_size it is several files and an
+    index, and it loads as the 1-process export."""
+    out = tmp_path / "two"
+    run_cli([*args(corpus_dir, out), "deepspeed=zero3", "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
+             "export.max_shard_size=100KB"], launcher=launcher("torchrun"))
+    check_matches_one_process(out, single_process)
+    index = json.loads((out / "model" / "model.safetensors.index.json").read_text())
+    shards = sorted((out / "model").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {f.name for f in shards}
+    assert not (out / "model" / "model.safetensors").exists()
+
+
 def test_two_processes_under_zero1_match_one(one_node_two_processes, single_process):
     check_matches_one_process(one_node_two_processes, single_process)
 
