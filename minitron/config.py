@@ -300,7 +300,8 @@ class PruneJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    """Accepted like every command's; calibration replicates the teacher on every rank whatever the stage."""
+    """zero3 partitions the teacher over the ranks for calibration (each holds 1/world of it; the
+    student is sliced from its files); other stages replicate it on every rank."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """wandb: the summary goes to a W&B run (and metrics.jsonl) beside the pruned model."""
 

@@ -9,16 +9,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-import torch
-
 from minitron.config import ConfigError, DistillJobConfig, check_train_config
 from minitron.data.corpus import check_source
 from minitron.data.sampler import BlockSampler
 from minitron.data.tokenizer import check_tokenizer_files, load_tokenizer
-from minitron.distributed.engine import (deepspeed_config, frozen_config, full_parameters, initialize, local_numel,
-                                         place_frozen)
-from minitron.distributed.sharded import build_for_engine
+from minitron.distributed.engine import deepspeed_config, frozen_config, full_parameters, initialize, place_frozen
 from minitron.distributed.gang import world_size_from_env
+from minitron.distributed.partitions import teacher_memory
+from minitron.distributed.sharded import build_for_engine
 from minitron.distill import triton_kl
 from minitron.distill.distiller import Distiller
 from minitron.distill.hidden import make_projection, resolve_index
@@ -257,7 +255,7 @@ def load_teacher(cfg, teacher_cfg, pairs, dtype, ds_config, gang, device):
     frozen = frozen_config(ds_config, cfg.teacher.offload)
     model = freeze(build_for_engine(cfg.teacher, teacher_cfg, cfg.seed, dtype, frozen, "teacher"))
     run, model = place_frozen(model, frozen, device)
-    info = _teacher_memory(model, gang)
+    info = teacher_memory(model, gang)
     where = "replicated"
     if ds_config["zero_optimization"].get("stage") == 3:
         where = "ZeRO-3 shards" + (" in CPU memory" if cfg.teacher.offload == "cpu" else "")
@@ -286,16 +284,3 @@ def _kept_hidden(student_path: str, teacher_width: int) -> Optional[list]:
     if manifest.get("teacher", {}).get("shape", {}).get("hidden_size") != teacher_width:
         return None
     return manifest.get("kept", {}).get("hidden")
-
-
-def _teacher_memory(model, gang) -> dict:
-    """Parameters in total, and bytes held by each rank (about 1/world each under ZeRO-3)."""
-    per_rank = torch.zeros(gang.world_size, dtype=torch.float64)
-    per_rank[gang.rank] = float(sum(local_numel(p) * p.element_size() for p in model.parameters()))
-    per_rank = gang.all_reduce_sum(per_rank)
-    counts = torch.zeros(gang.world_size, dtype=torch.float64)
-    counts[gang.rank] = float(sum(local_numel(p) for p in model.parameters()))
-    counts = gang.all_reduce_sum(counts)
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    return {"teacher_params": int(total), "teacher_params_per_rank": [int(c) for c in counts.tolist()],
-            "teacher_bytes_per_rank": [int(b) for b in per_rank.tolist()]}

@@ -60,14 +60,6 @@ def full_parameters(params):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
-def local_numel(param: torch.nn.Parameter) -> int:
-    """Elements this rank holds for `param`: its ZeRO-3 partition (plus the whole of it when
-    ZeRO-3 keeps a small parameter resident), else all of it."""
-    if not hasattr(param, "ds_id"):
-        return param.numel()
-    return param.ds_tensor.numel() + (param.ds_numel if getattr(param, "ds_persist", False) else 0)
-
-
 def frozen_config(train_config: Dict[str, Any], offload: str = "none") -> Dict[str, Any]:
     """The DeepSpeed config of a frozen model next to a trained one (train_config's): its batch,
     precision and ZeRO keys, no optimizer; with offload=cpu its ZeRO-3 partitions live in CPU
@@ -87,6 +79,21 @@ def frozen_config(train_config: Dict[str, Any], offload: str = "none") -> Dict[s
     if offload == "cpu":
         config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return config
+
+
+def frozen_model(cfg, hf_config, seed: int, dtype: torch.dtype, ds: DeepSpeedConfig, world_size: int,
+                 device: torch.device, key: str = "model") -> torch.nn.Module:
+    """A model for forward passes only, outside any training (pruning's calibration): with
+    deepspeed.zero_optimization.stage=3 created partitioned, loaded tensor by tensor and run by a
+    DeepSpeed engine without optimizer, so each rank holds 1/world of it and gathers one layer at
+    a time; otherwise whole on every rank."""
+    from minitron.distributed.sharded import build_for_engine
+
+    frozen = frozen_config({"train_batch_size": world_size, "train_micro_batch_size_per_gpu": 1,
+                            "gradient_accumulation_steps": 1, "zero_optimization": dict(ds.zero_optimization),
+                            "bf16": {"enabled": dtype == torch.bfloat16}, **ds.extra})
+    model = build_for_engine(cfg, hf_config, seed, dtype, frozen, key).eval().requires_grad_(False)
+    return place_frozen(model, frozen, device)[1]
 
 
 def place_frozen(model: torch.nn.Module, frozen: Dict[str, Any], device: torch.device):

@@ -149,6 +149,7 @@ def score_importance(cfg, plan: PipelinePlan, teacher: Model, data, scores_dir: 
     from minitron.models.adapters import adapter_for
     from minitron.models.build import DTYPES
     from minitron.prune import scores
+    from minitron.prune.job import check_shardable, scoring_teacher
     from minitron.prune.shape import teacher_shape
 
     # Not keyed by the targets: a new target's prune stage adds whatever depth losses it lacks.
@@ -163,8 +164,8 @@ def score_importance(cfg, plan: PipelinePlan, teacher: Model, data, scores_dir: 
         shape = teacher_shape(teacher_cfg)
         blocks = [scores.depth_block(shape, t.shape, cfg.prune.depth) for t in plan.targets if t.shape is not None]
         packed = build_or_load(data, gang, cfg.seed)
-        model = build_model(job.model, teacher_cfg, seed=cfg.seed, dtype=DTYPES[cfg.prune.precision])
-        model = model.to(gang.device).eval()
+        check_shardable(job.model.path, teacher_cfg, job.deepspeed)
+        model = scoring_teacher(job.model, teacher_cfg, cfg.seed, DTYPES[cfg.prune.precision], job.deepspeed, gang)
         imp = scores.load_or_score(job, model, adapter_for(teacher_cfg), packed, gang, gang.device, blocks)
         if gang.rank == 0:
             write_json_atomic(marker, {"scores": str(imp.path), "teacher": teacher.path,

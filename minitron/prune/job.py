@@ -18,12 +18,14 @@ from minitron.config import ConfigError, PruneJobConfig, check_output_dir
 from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
 from minitron.distributed.gang import init_gang
+from minitron.distributed.partitions import teacher_memory
 from minitron.eval.perplexity import evaluate
 from minitron.logs import captured_output, is_log_file
 from minitron.models.adapters import adapter_for
 from minitron.models.weights import SafetensorsWeights, model_weights
 from minitron.models.build import (DTYPES, build_model, check_checkpoint_files, count_params, has_tokenizer,
-                                   local_checkpoint, max_positions, resolve_hf_config, weight_files)
+                                   local_checkpoint, max_positions, resolve_hf_config, weight_files,
+                                   why_not_tensor_by_tensor)
 from minitron.prune import importance, scores
 from minitron.prune.shape import check_exportable, resolve_target, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
@@ -102,23 +104,25 @@ def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:
     if cfg.prune.dry_run:
         return dry_run(cfg, teacher_cfg, adapter, shape, target)
     p = cfg.prune
+    check_shardable(cfg.model.path, teacher_cfg, cfg.deepspeed)
     gang = init_gang()
     device = gang.device
-    if cfg.deepspeed.zero_optimization.get("stage", 0) and gang.rank == 0:
-        log.info("deepspeed: calibration runs data-parallel with the teacher on every rank; the ZeRO stage "
-                 "does not apply to pruning")
+    if cfg.deepspeed.zero_optimization.get("stage", 0) in (1, 2) and gang.rank == 0:
+        log.info("deepspeed: calibration runs data-parallel with the teacher on every rank; ZeRO stages 1 and 2 "
+                 "shard optimizer state, which pruning has none of (deepspeed=zero3 shards the teacher)")
     data = build_or_load(cfg.data, gang, cfg.seed)
     tokenizer = data.tokenizer()
     check_vocab(tokenizer, teacher_cfg)
 
-    teacher = build_model(cfg.model, teacher_cfg, seed=cfg.seed, dtype=DTYPES[p.precision]).to(device).eval()
+    teacher = scoring_teacher(cfg.model, teacher_cfg, cfg.seed, DTYPES[p.precision], cfg.deepspeed, gang)
+    held = teacher_memory(teacher, gang)
     imp = scores.load_or_score(cfg, teacher, adapter, data, gang, device, [scores.depth_block(shape, target, p.depth)])
     kept = scores.kept_for(imp, shape, target, p, cfg.seed)
-    teacher_params = sum(t.numel() for t in teacher.parameters())
     attn = teacher.config._attn_implementation
     # Build the student from the checkpoint files, one tensor at a time, once the teacher is gone:
     # teacher and student never sit in memory together. Files that do not name the tensors as the
-    # model does (.bin, renamed keys) fall back to the in-memory teacher.
+    # model does (.bin, renamed keys) fall back to the in-memory teacher (never a sharded one: those
+    # files were refused above).
     weights = SafetensorsWeights(cfg.model.path)
     if not set(dict(teacher.named_parameters())) <= set(weights):
         weights = model_weights(teacher)
@@ -128,12 +132,13 @@ def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:
                           DTYPES[p.precision], attn).to(device)
     del weights
     student_loss = evaluate(student, data.val, p.calibration.micro_batch_size, gang, device, p.depth.eval_blocks)
-    summary = {"teacher_params": teacher_params, "student_params": sum(t.numel() for t in student.parameters()),
+    summary = {"teacher_params": held["teacher_params"], "teacher_params_per_rank": held["teacher_params_per_rank"],
+               "student_params": sum(t.numel() for t in student.parameters()),
                **active_params(teacher_cfg, adapter, shape, target),
                "teacher_val_loss": imp.teacher_loss(p.depth.eval_blocks), "student_val_loss": student_loss,
                "calibration_seconds": imp.calibration_seconds, "scores_reused": imp.reused,
                "world_size": gang.world_size, "output_model": str(Path(cfg.output_dir).resolve())}
-    manifest = pruning_manifest(cfg, imp, data, shape, target, kept, teacher_params, summary["student_params"])
+    manifest = pruning_manifest(cfg, imp, data, shape, target, kept, held["teacher_params"], summary["student_params"])
     if gang.rank == 0:
         export(student, tokenizer, Path(cfg.output_dir),
                {"pruning.json": manifest, "summary.json": summary}, config_yaml)
@@ -143,6 +148,32 @@ def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:
             tracker.finish()
     gang.barrier()
     return summary
+
+
+def sharded(ds) -> bool:
+    return ds.zero_optimization.get("stage", 0) == 3
+
+
+def check_shardable(path: str, teacher_cfg, ds) -> None:
+    """With deepspeed.zero_optimization.stage=3 the teacher is created partitioned and read tensor
+    by tensor, and the student sliced from its files: refuse, before any work, a checkpoint that
+    cannot be read so (the replicated teacher takes any)."""
+    if sharded(ds):
+        why = why_not_tensor_by_tensor(path, teacher_cfg)
+        if why:
+            raise ConfigError(f"deepspeed.zero_optimization.stage: a ZeRO-3-sharded teacher is read tensor by "
+                              f"tensor, and {path} cannot be ({why}); use deepspeed=zero0")
+
+
+def scoring_teacher(model_cfg, teacher_cfg, seed: int, dtype, ds, gang):
+    """The teacher the importance pass runs: with deepspeed.zero_optimization.stage=3 partitioned
+    over the ranks (each holds 1/world; layers are gathered one at a time in the forward passes,
+    the hooks see the same activations), else whole on every rank."""
+    if sharded(ds):
+        from minitron.distributed.engine import frozen_model  # deepspeed: only a sharded teacher needs it
+
+        return frozen_model(model_cfg, teacher_cfg, seed, dtype, ds, gang.world_size, gang.device)
+    return build_model(model_cfg, teacher_cfg, seed=seed, dtype=dtype).to(gang.device).eval()
 
 
 def check_vocab(tokenizer, teacher_cfg) -> None:

@@ -20,13 +20,14 @@ from minitron.config import (ConfigError, DistillJobConfig, LoggerConfig, Search
                              check_train_config)
 from minitron.data.packing import build_or_load
 from minitron.distributed.gang import init_gang, world_size_from_env
+from minitron.distributed.partitions import full_values, teacher_memory
 from minitron.logs import is_log_file
 from minitron.models.adapters import FamilyAdapter, adapter_for, logit_softcap
-from minitron.models.build import DTYPES, build_model, resolve_hf_config
-from minitron.models.weights import model_weights
+from minitron.models.build import DTYPES, resolve_hf_config
+from minitron.models.weights import SafetensorsWeights, model_weights
 from minitron.prune import scores
-from minitron.prune.job import (check_prune_options, check_teacher_checkpoint, check_vocab, export,
-                                pruning_manifest)
+from minitron.prune.job import (check_prune_options, check_shardable, check_teacher_checkpoint, check_vocab, export,
+                                pruning_manifest, scoring_teacher, sharded)
 from minitron.prune.shape import MOE_KEYS, Shape, student_config, teacher_shape
 from minitron.prune.slicing import prune_model
 from minitron.search import ranking, report
@@ -93,6 +94,7 @@ def check_run_inputs(cfg: SearchJobConfig, plan: Plan) -> DistillJobConfig:
         raise ConfigError(f"search.candidate: {s.candidate} is not a candidate index (0..{len(plan.chosen) - 1})")
     ranking.halving_rounds(len(plan.chosen), cfg.train.max_steps, s.halving)
     check_teacher_checkpoint(cfg, plan.teacher_config)
+    check_shardable(cfg.model.path, plan.teacher_config, cfg.deepspeed)
     template = DistillJobConfig(
         output_dir="", seed=cfg.seed, resume="auto", teacher=TeacherConfig(**{**dataclasses.asdict(cfg.model), "name": "teacher"}),
         data=copy.deepcopy(cfg.data), train=dataclasses.replace(cfg.train, schedule_steps=cfg.train.max_steps),
@@ -219,19 +221,31 @@ def score_zero_shot(cfg, plan: Plan, data, tokenizer, gang, todo, dirs, config_y
     device = gang.device
     dtype = DTYPES[cfg.prune.precision]
     mb, eval_blocks = cfg.prune.calibration.micro_batch_size, cfg.search.eval_blocks
-    teacher = build_model(cfg.model, plan.teacher_config, seed=cfg.seed, dtype=dtype).to(device).eval()
+    teacher = scoring_teacher(cfg.model, plan.teacher_config, cfg.seed, dtype, cfg.deepspeed, gang)
     blocks = {scores.depth_block(plan.teacher, shape, cfg.prune.depth) for shape, _ in plan.chosen}
     imp = scores.load_or_score(cfg, teacher, plan.adapter, data, gang, device, blocks)
     teacher_hidden = final_hidden_states(teacher, data.val, mb, gang, device, eval_blocks)
-    teacher_params = sum(p.numel() for p in teacher.parameters())
-    weights = model_weights(teacher)
+    teacher_params = teacher_memory(teacher, gang)["teacher_params"]
+    # A sharded teacher's students are sliced from its files (check_shardable vouched for them).
+    weights = SafetensorsWeights(cfg.model.path) if sharded(cfg.deepspeed) else model_weights(teacher)
+    head = teacher.get_output_embeddings().weight
+    with full_values(head):
+        score_candidates(cfg, plan, data, tokenizer, gang, todo, dirs, config_yaml, imp, teacher, teacher_hidden,
+                         teacher_params, weights, head)
+
+
+def score_candidates(cfg, plan: Plan, data, tokenizer, gang, todo, dirs, config_yaml, imp, teacher, teacher_hidden,
+                     teacher_params: int, weights, head) -> None:
+    device = gang.device
+    dtype = DTYPES[cfg.prune.precision]
+    mb, eval_blocks = cfg.prune.calibration.micro_batch_size, cfg.search.eval_blocks
     for i in todo:
         shape, sizes = plan.chosen[i]
         kept = scores.kept_for(imp, plan.teacher, shape, cfg.prune, cfg.seed)
         student = prune_model(weights, plan.adapter, kept,
                               student_config(plan.teacher_config, plan.adapter, shape, kept.layers),
                               dtype, teacher.config._attn_implementation).to(device)
-        zs = zero_shot_scores(student, teacher_hidden, teacher.get_output_embeddings().weight, len(tokenizer),
+        zs = zero_shot_scores(student, teacher_hidden, head, len(tokenizer),
                               data.val, mb, gang, device, eval_blocks, logit_softcap(teacher.config))
         log.info("zero-shot %s: val_loss %.4f, KL %.4f", shape_name(shape), zs["val_loss"], zs["kl"])
         if gang.rank == 0:

@@ -390,7 +390,7 @@ def run_entry_point(monkeypatch, capfd):
                           ("minitron.prune.job", ["init_gang", "build_or_load", "build_model"]),
                           ("minitron.distill.job", ["build_for_engine"]),
                           ("minitron.eval.job", ["init_gang", "build_or_load", "build_model"]),
-                          ("minitron.search.job", ["init_gang", "build_or_load", "build_model"]),
+                          ("minitron.search.job", ["init_gang", "build_or_load", "scoring_teacher"]),
                           ("minitron.pipeline.job", ["init_gang", "build_or_load", "build_model"])):
         for name in names:
             monkeypatch.setattr(f"{module}.{name}", reached(f"{module}.{name}"))

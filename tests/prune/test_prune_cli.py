@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -91,24 +92,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_score_like_one(tiny_teacher, corpus_dir, tmp_path):
-    """11 calibration blocks: 6 on one rank, 5 on the other, in different micro-batches."""
-    extra = ["prune.calibration.num_samples=11", "prune.export.ffn_hidden_size=88", "prune.export.num_layers=1"]
-    run_cli(prune_args(tiny_teacher, corpus_dir, tmp_path / "one" / "out", *extra), launcher=PRUNE)
+@pytest.fixture(scope="module")
+def one_process_scores(tiny_teacher, corpus_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("one_process_scores")
+    run_cli(prune_args(tiny_teacher, corpus_dir, root / "out", *TWO_RANK_EXTRA), launcher=PRUNE)
+    return root
+
+
+# 11 calibration blocks: 6 on one rank, 5 on the other, in different micro-batches.
+TWO_RANK_EXTRA = ["prune.calibration.num_samples=11", "prune.export.ffn_hidden_size=88", "prune.export.num_layers=1"]
+# ZeRO-3 with every parameter partitioned (by default small ones stay whole on each rank).
+SHARDED = ["deepspeed=zero3", "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "zero3"])
+def test_two_processes_score_like_one(tiny_teacher, corpus_dir, tmp_path, one_process_scores, sharded):
+    """Replicated, or with the teacher ZeRO-3-partitioned over the 2 ranks (each holding half of
+    it, gathered layer by layer in the forward passes, the hooks unchanged): the same statistics,
+    removal losses, kept indices and exported student as one process."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(free_port()), PRUNE_PY]
-    run_cli(prune_args(tiny_teacher, corpus_dir, tmp_path / "two" / "out", *extra), launcher=torchrun)
-    one, two = ([torch.load(p, weights_only=True) for p in (tmp_path / run / "importance").glob("*.pt")][0]
-                for run in ("one", "two"))
+    run_cli(prune_args(tiny_teacher, corpus_dir, tmp_path / "out", *TWO_RANK_EXTRA, *(SHARDED if sharded else [])),
+            launcher=torchrun)
+    one, two = ([torch.load(p, weights_only=True) for p in (root / "importance").glob("*.pt")][0]
+                for root in (one_process_scores, tmp_path))
     assert one["stats"]["samples"].item() == two["stats"]["samples"].item() == 11
     for name, tensor in one["stats"].items():
         torch.testing.assert_close(two["stats"][name], tensor, rtol=1e-5, atol=1e-6)
     for key, loss in one["removal_loss"].items():
         torch.testing.assert_close(two["removal_loss"][key], loss, rtol=1e-6, atol=0)
-    kept_one, kept_two = (json.loads((tmp_path / run / "out" / "pruning.json").read_text())["kept"]
-                          for run in ("one", "two"))
+    kept_one, kept_two = (json.loads((root / "out" / "pruning.json").read_text())["kept"]
+                          for root in (one_process_scores, tmp_path))
     assert kept_one == kept_two
-    assert json.loads((tmp_path / "two" / "out" / "summary.json").read_text())["world_size"] == 2
+    with safe_open(str(one_process_scores / "out" / "model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for name in a.keys():
+            torch.testing.assert_close(b.get_tensor(name), a.get_tensor(name), rtol=0, atol=0, msg=name)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    held, total = summary["teacher_params_per_rank"], summary["teacher_params"]
+    assert total == json.loads((one_process_scores / "out" / "summary.json").read_text())["teacher_params"]
+    for rank_held in held:
+        assert rank_held == (pytest.approx(total / 2, rel=0.01) if sharded else total)
 
 
 LLAMA_31_8B = {

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import compose_job, run_cli
+from distributed.test_multiprocess import free_port
 from minitron.config import ConfigError
 from minitron.distributed.gang import LocalGang
 from minitron.search.job import check_run_inputs, plan_search
@@ -39,6 +40,24 @@ def searched(tmp_path_factory, tiny_teacher, corpus_dir):
     out = tmp_path_factory.mktemp("search") / "run"
     proc = run_cli(search_args(tiny_teacher, corpus_dir, out, "logger=wandb"), launcher=SEARCH)
     return out, proc
+
+
+def test_a_zero3_sharded_teacher_over_two_processes_searches_like_one(tmp_path, tiny_teacher, corpus_dir, searched):
+    """The importance pass and the zero-shot scores run on the teacher ZeRO-3-partitioned over 2
+    ranks, the candidates are sliced from its files and distilled under ZeRO-3: the same zero-shot
+    losses and the same distillation losses as one process with the teacher whole."""
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "-m", "minitron.cli.search"]
+    run_cli(search_args(tiny_teacher, corpus_dir, out, "logger=none", "deepspeed=zero3",
+                        "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0"), launcher=torchrun)
+    one, two = candidate_losses(searched[0]), candidate_losses(out)
+    assert sorted(one) == sorted(two)
+    for name, (zero_shot, distilled) in one.items():
+        assert two[name][0] == pytest.approx(zero_shot, rel=1e-5), name
+        assert sorted(two[name][1]) == sorted(distilled)
+        for steps, loss in distilled.items():
+            assert two[name][1][steps] == pytest.approx(loss, rel=1e-5), (name, steps)
 
 
 def candidate_losses(out):

@@ -1,0 +1,37 @@
+"""How much of a model this rank holds: all of it, or its ZeRO-3 partitions (read from the
+attributes DeepSpeed puts on a partitioned parameter, so nothing here imports DeepSpeed)."""
+import contextlib
+
+import torch
+
+
+def local_numel(param: torch.nn.Parameter) -> int:
+    """Elements this rank holds for `param`: its ZeRO-3 partition (plus the whole of it when
+    ZeRO-3 keeps a small parameter resident), else all of it."""
+    if not hasattr(param, "ds_id"):
+        return param.numel()
+    return param.ds_tensor.numel() + (param.ds_numel if getattr(param, "ds_persist", False) else 0)
+
+
+def full_values(*params: torch.nn.Parameter):
+    """Context in which `params` hold their full values: gathered if ZeRO-3 partitioned them
+    (DeepSpeed is imported only then), else as they are."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    from minitron.distributed.engine import full_parameters
+
+    return full_parameters(params)
+
+
+def teacher_memory(model, gang) -> dict:
+    """A frozen model's parameters in total, and the parameters and bytes each rank holds (about
+    1/world each under ZeRO-3). Collective: every rank calls it."""
+    per_rank = torch.zeros(gang.world_size, dtype=torch.float64)
+    per_rank[gang.rank] = float(sum(local_numel(p) * p.element_size() for p in model.parameters()))
+    per_rank = gang.all_reduce_sum(per_rank)
+    counts = torch.zeros(gang.world_size, dtype=torch.float64)
+    counts[gang.rank] = float(sum(local_numel(p) for p in model.parameters()))
+    counts = gang.all_reduce_sum(counts)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return {"teacher_params": int(total), "teacher_params_per_rank": [int(c) for c in counts.tolist()],
+            "teacher_bytes_per_rank": [int(b) for b in per_rank.tolist()]}
