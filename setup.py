@@ -47,5 +47,6 @@ setup(
                                         "minitron-distill=minitron.cli.distill:main",
                                         "minitron-search=minitron.cli.search:main",
                                         "minitron-eval=minitron.cli.eval:main",
-                                        "minitron-pipeline=minitron.cli.pipeline:main"]},
+                                        "minitron-pipeline=minitron.cli.pipeline:main",
+                                        "minitron-plan=minitron.cli.plan:main"]},
 )

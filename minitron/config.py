@@ -166,6 +166,9 @@ class TrainConfig:
     (`schedule_steps`). 0 keeps every checkpoint, also after the run."""
     log_every: int = 1
     """Training loss and throughput to metrics.jsonl (and the logger) every N steps."""
+    activation_checkpointing: bool = False
+    """Keep only each layer's input for the backward pass and recompute the rest (the trained
+    model only: a frozen teacher keeps nothing anyway); about a third more compute."""
 
 
 @dataclass
@@ -374,6 +377,25 @@ class DistillJobConfig:
 
 
 @dataclass
+class PlanConfig:
+    device_memory_gb: Optional[float] = None
+    """Memory of one device, GiB: the cheapest configuration whose predicted peak fits it is
+    recommended (unset: only the table)."""
+    processes: Optional[int] = None
+    """Processes the run will have (one per GPU); unset: the launcher's, 1 for a plain run."""
+    device: str = "gpu"
+    """gpu or cpu: what the run trains on (DeepSpeed prefetches gathered layers only on a GPU)."""
+
+
+@dataclass
+class PlanJobConfig(DistillJobConfig):
+    """minitron-distill's config (what would run) plus the device to plan for."""
+    output_dir: str = "runs/plan"
+    """plan.json: every configuration's predicted peak per rank, by component, and the choice."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+@dataclass
 class AxisRange:
     """One axis of the search space: the explicit `choices`, or else every multiple of `step` from
     `min` (unset: `min_ratio` x the teacher's value, rounded up) to the teacher's value, which is
@@ -572,6 +594,7 @@ def register_schemas() -> None:
     cs.store(name="distill_schema", node=DistillJobConfig)
     cs.store(name="search_job_schema", node=SearchJobConfig)
     cs.store(name="eval_schema", node=EvalJobConfig)
+    cs.store(name="plan_schema", node=PlanJobConfig)
     cs.store(name="pipeline_schema", node=PipelineJobConfig)
     cs.store(group="search", name="search_schema", node=SearchConfig)
     cs.store(group="distill", name="distill_loss_schema", node=DistillConfig)

@@ -21,7 +21,8 @@ from minitron import config
 
 JOB_SCHEMAS = {"train": config.TrainJobConfig, "prune": config.PruneJobConfig,
                "distill": config.DistillJobConfig, "search": config.SearchJobConfig,
-               "eval": config.EvalJobConfig, "pipeline": config.PipelineJobConfig}
+               "eval": config.EvalJobConfig, "pipeline": config.PipelineJobConfig,
+               "plan": config.PlanJobConfig}
 WIDTH = 100
 KEY_INDENT, DOC_INDENT = "  ", "      "
 

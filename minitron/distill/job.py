@@ -177,6 +177,8 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
 
     memory_mark = measure.reset_peak(gang.device)
     student = build_for_engine(cfg.student, student_cfg, cfg.seed, dtype, ds_config, "student")
+    if cfg.train.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     projection = None
     if pairs and student_cfg.hidden_size != teacher_cfg.hidden_size:
         projection = make_projection(student_cfg.hidden_size, teacher_cfg.hidden_size,

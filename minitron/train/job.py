@@ -58,6 +58,8 @@ def run_training_job(cfg: TrainJobConfig, config_yaml: str) -> dict:
 
     ds_config = deepspeed_config(cfg.train, cfg.deepspeed, gang.world_size)
     model = build_for_engine(cfg.model, hf_config, cfg.seed, torch.float32, ds_config, "model")
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer, scheduler = build_optimizer(model, cfg.train)
     engine = initialize(model, optimizer, scheduler, ds_config)
 

@@ -1,0 +1,141 @@
+"""Each rank's peak memory for a distillation (teacher + student), predicted from the configs alone
+for every ZeRO stage, precision, teacher offload and activation-checkpointing choice; and the
+cheapest choice that fits a device.
+
+Arithmetic over parameter counts (models/build.py's meta-device count) and shapes; nothing is
+built. The terms and where their constants come from:
+
+- Student model states (weights, gradients, AdamW's two moments, fp32 master copies) follow ZeRO
+  (Rajbhandari et al. 2020, arXiv 1910.02054, section 3.1: 16 bytes per parameter in mixed
+  precision, the optimizer's and then the gradients' and weights' shares divided by the process
+  count at stages 1, 2, 3). Each stage's bytes per parameter is split into what every rank keeps
+  whole and what is partitioned over the ranks. On top of ZeRO's figures: DeepSpeed keeps an fp32
+  master partition even in fp32 training, a contiguous gradient bucket, and PyTorch's foreach
+  AdamW allocates temporaries the size of the parameters it steps. The constants below are
+  those figures rounded to what DeepSpeed 0.19 measured on CPU (benchmarks/memory_plan.py, whose
+  table is in benchmarks/RESULTS.md).
+- Activations saved for the backward pass, per layer and token: Korthikanti et al. 2022
+  (arXiv 2205.05198, section 4.1), recounted for a pre-norm decoder with grouped-query SDPA
+  attention (no s x s scores are kept) and a gated MLP, without dropout: the two norms' inputs,
+  the attention's q, k, v and output, and the MLP's gate, up, activation and product. With
+  activation checkpointing only each layer's input stays, plus one layer's while it recomputes.
+- The frozen teacher: its weights (1/world of them under ZeRO-3, none on the device when
+  offloaded), one gathered layer at a time under ZeRO-3, and its forward pass's working set for
+  one layer (nothing is kept for a backward pass).
+- The chunked logit loss (distill/fused.py): a few chunk x vocabulary fp32 buffers (both models'
+  logits, their log-probabilities, the gradient), never the whole batch's logits.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+BYTES = {"fp32": 4, "bf16": 2}
+STAGES = (0, 1, 2, 3)
+
+# Student bytes per parameter: (kept whole on every rank, partitioned over the ranks), by
+# (ZeRO stage, precision). ZeRO's 16 (mixed precision: 2 weights + 2 gradients + 12 fp32 master
+# and moments; fp32: 4 + 4 + 8) plus DeepSpeed's fp32 partition, gradient bucket and foreach
+# AdamW's temporaries (module docstring).
+STUDENT_STATE_BYTES = {
+    (0, "fp32"): (22, 0), (1, "fp32"): (11, 28), (2, "fp32"): (8, 28), (3, "fp32"): (14, 28),
+    (0, "bf16"): (33, 0), (1, "bf16"): (6, 26), (2, "bf16"): (4, 26), (3, "bf16"): (9, 26),
+}
+LOGIT_CHUNK_BUFFERS = 6  # fp32 chunk x vocabulary tensors alive at once in the fused loss
+GPU_PREFETCH_ELEMENTS = 5e7  # DeepSpeed's stage3_prefetch_bucket_size default (off on the CPU)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the planner needs of a model: from its transformers config and a meta-device count."""
+    params: int
+    layers: int
+    hidden: int
+    ffn: int
+    kv_dim: int
+    vocab: int
+    largest_layer_params: int
+
+
+@dataclass(frozen=True)
+class Setup:
+    zero_stage: int
+    precision: str
+    offload: str = "none"  # the teacher's ZeRO-3 partitions: none (on the device) or cpu
+    activation_checkpointing: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = [f"zero{self.zero_stage}", self.precision]
+        if self.offload != "none":
+            parts.append(f"teacher offload {self.offload}")
+        if self.activation_checkpointing:
+            parts.append("activation checkpointing")
+        return ", ".join(parts)
+
+    @property
+    def cost(self) -> tuple:
+        """Slower first: offloading copies every teacher layer over PCIe each step, checkpointing
+        recomputes the student's forward (about a third more compute), higher stages
+        communicate more."""
+        return (self.offload != "none", self.activation_checkpointing, self.zero_stage)
+
+
+def facts(hf_config, params: int) -> ModelFacts:
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    ffn = getattr(hf_config, "intermediate_size", 0) or 0
+    experts_per_token = getattr(hf_config, "num_experts_per_tok", None)
+    if experts_per_token:  # a mixture's tokens each pass through their top-k experts
+        ffn = experts_per_token * (getattr(hf_config, "moe_intermediate_size", None) or ffn)
+    embeddings = hf_config.vocab_size * hf_config.hidden_size * (1 if hf_config.tie_word_embeddings else 2)
+    layers = hf_config.num_hidden_layers
+    return ModelFacts(params=params, layers=layers, hidden=hf_config.hidden_size, ffn=ffn,
+                      kv_dim=kv_heads * head_dim, vocab=hf_config.vocab_size,
+                      largest_layer_params=max((params - embeddings) // max(layers, 1), 0))
+
+
+def estimate(teacher: Optional[ModelFacts], student: ModelFacts, setup: Setup, world_size: int,
+             micro_batch_size: int, seq_len: int, chunk_tokens: int, on_gpu: bool) -> Dict[str, float]:
+    """Bytes per rank, by component; `device` is their sum on the device, `host` what offloading
+    keeps in CPU memory (on the CPU, `on_gpu` false, that is device memory too)."""
+    b = BYTES[setup.precision]
+    tokens = micro_batch_size * seq_len
+    whole, split = STUDENT_STATE_BYTES[(setup.zero_stage, setup.precision)]
+    out = {"student_states": student.params * (whole + split / world_size)}
+
+    per_token_layer = 6 * student.hidden + 2 * student.kv_dim + 4 * student.ffn
+    if setup.activation_checkpointing:
+        kept = student.layers * student.hidden + per_token_layer
+    else:
+        kept = student.layers * per_token_layer
+    out["student_activations"] = tokens * (kept + 3 * student.hidden) * b
+    out["logit_loss"] = LOGIT_CHUNK_BUFFERS * min(chunk_tokens, tokens) * student.vocab * 4
+    host = 0.0
+    if teacher is not None:
+        weights = teacher.params * b
+        if setup.zero_stage == 3:
+            weights /= world_size
+            gathered = teacher.largest_layer_params * b
+            if on_gpu:
+                gathered += GPU_PREFETCH_ELEMENTS * b
+            out["teacher_gathered"] = gathered
+        if setup.offload == "cpu":
+            host, weights = weights, 0.0
+        out["teacher_weights"] = weights
+        out["teacher_forward"] = tokens * (3 * teacher.hidden + 2 * teacher.ffn) * b
+    if not on_gpu:  # offloading to the CPU from the CPU moves nothing out of the run's memory
+        out["teacher_weights"] += host
+        host = 0.0
+    out["device"] = sum(out.values())
+    out["host"] = host
+    return out
+
+
+def setups(precision: Optional[str] = None) -> List[Setup]:
+    """Every choice the planner weighs (offload only with ZeRO-3, as DeepSpeed allows)."""
+    out = []
+    for p in ([precision] if precision else list(BYTES)):
+        for stage in STAGES:
+            for offload in (("none", "cpu") if stage == 3 else ("none",)):
+                for checkpointing in (False, True):
+                    out.append(Setup(stage, p, offload, checkpointing))
+    return out

@@ -1,0 +1,106 @@
+"""minitron-plan: its per-rank predictions against the peaks real distillation runs measure in
+themselves (peak resident memory minus the memory before the models, summary.json's `memory`),
+for four configurations including ZeRO-3 over 2 processes with the teacher offloaded; and its
+recommendation and refusals."""
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import run_cli
+from distributed.test_multiprocess import free_port
+
+PLAN = [sys.executable, "-m", "minitron.cli.plan"]
+DISTILL = [sys.executable, "-m", "minitron.cli.distill"]
+# Shapes unlike those the planner's constants were read from (benchmarks/memory_plan.py).
+TEACHER = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=10)
+STUDENT = dict(hidden_size=640, intermediate_size=1792, num_hidden_layers=6)
+
+
+def random_checkpoint(tiny_teacher, out, shape):
+    config = AutoConfig.from_pretrained(tiny_teacher)
+    config.update(dict(shape, num_attention_heads=8, num_key_value_heads=4, head_dim=shape["hidden_size"] // 8,
+                       tie_word_embeddings=False))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    for f in tiny_teacher.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_teacher):
+    root = tmp_path_factory.mktemp("plan_models")
+    return (random_checkpoint(tiny_teacher, root / "teacher", TEACHER),
+            random_checkpoint(tiny_teacher, root / "student", STUDENT))
+
+
+def common(pair, out, global_batch=4):
+    teacher, student = pair
+    return [f"teacher.path={teacher}", f"student.path={student}", f"output_dir={out}", "logger=none",
+            "data.seq_len=128", f"train.global_batch_size={global_batch}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes, keys", [
+    (1, ["deepspeed=zero0"]),
+    (1, ["deepspeed=zero0", "train.activation_checkpointing=true"]),
+    (2, ["deepspeed=zero2"]),
+    (2, ["deepspeed=zero3"]),
+    (2, ["deepspeed=zero3", "teacher.offload=cpu"]),
+], ids=["zero0", "zero0-checkpointing", "zero2-2proc", "zero3-2proc", "zero3-2proc-offload"])
+def test_predicted_peaks_are_within_15_percent_of_measured(pair, corpus_dir, tmp_path, processes, keys):
+    run_cli([*common(pair, tmp_path / "plan"), f"plan.processes={processes}", "plan.device=cpu", *keys],
+            launcher=PLAN)
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    stage = int(next(k for k in keys if k.startswith("deepspeed=")).removeprefix("deepspeed=zero"))
+    [predicted] = [c for c in plan["configurations"]
+                   if c["zero_stage"] == stage and c["precision"] == "fp32"
+                   and c["teacher_offload"] == ("cpu" if "teacher.offload=cpu" in keys else "none")
+                   and c["activation_checkpointing"] == ("train.activation_checkpointing=true" in keys)]
+
+    launcher = DISTILL if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                               str(processes), "--master_port", str(free_port()), "-m",
+                                               "minitron.cli.distill"]
+    run_cli([*common(pair, tmp_path / "run"), f"data.path={corpus_dir}", "train.max_steps=2", "train.eval_every=0",
+             "train.eval_blocks=4", "train.save_every=0", *keys], launcher=launcher)
+    memory = json.loads((tmp_path / "run" / "summary.json").read_text())["memory"]
+    assert len(memory["peak_bytes"]) == processes
+    expected = predicted["bytes"]["device"] + predicted["bytes"]["host"]
+    for peak, before in zip(memory["peak_bytes"], memory["before_models_bytes"]):
+        assert (peak - before) == pytest.approx(expected, rel=0.15), (keys, (peak - before) / 2**20, expected / 2**20)
+
+
+def test_recommends_the_cheapest_configuration_that_fits(pair, tmp_path):
+    proc = run_cli([*common(pair, tmp_path, 64), "plan.processes=8", "plan.device_memory_gb=1.0"], launcher=PLAN)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    fitting = [c for c in plan["configurations"] if c["precision"] == "fp32" and c["device_gb"] <= 1.0]
+    assert fitting and plan["recommended"]
+    assert f"recommended: {plan['recommended']}" in proc.stdout
+    # More memory never recommends a slower configuration; less memory never a larger one.
+    roomy = run_cli([*common(pair, tmp_path / "roomy", 64), "plan.processes=8", "plan.device_memory_gb=80"],
+                    launcher=PLAN)
+    assert "recommended: deepspeed=zero0 train.precision=fp32" in roomy.stdout
+    stages = {c["zero_stage"] for c in plan["configurations"]}
+    assert stages == {0, 1, 2, 3} and len(plan["configurations"]) == 20
+    zero3 = [c for c in plan["configurations"] if c["zero_stage"] == 3 and c["precision"] == "fp32"
+             and not c["activation_checkpointing"]]
+    offloaded = next(c for c in zero3 if c["teacher_offload"] == "cpu")
+    resident = next(c for c in zero3 if c["teacher_offload"] == "none")
+    assert offloaded["device_gb"] < resident["device_gb"] and offloaded["host_gb"] > 0
+
+
+def test_a_device_no_configuration_fits_is_one_line_naming_the_key_and_the_smallest(pair, tmp_path):
+    proc = run_cli([*common(pair, tmp_path), "plan.device_memory_gb=0.01"], launcher=PLAN, check=False)
+    assert proc.returncode == 2
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: plan.device_memory_gb: no configuration fits 0.01 GiB per device; the smallest "
+                           "found needs ")
+    # One process: ZeRO has nothing to partition over, so the smallest is plain data parallelism
+    # with the student's activations recomputed.
+    assert "GiB (zero0, fp32, activation checkpointing); use more processes (plan.processes)" in line
+    assert not (tmp_path / "plan.json").exists()
