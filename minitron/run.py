@@ -65,7 +65,7 @@ def export_model(engine, tokenizer, model_dir: Path, gang, max_shard_size: str, 
     so a crash never leaves a directory that looks finished. Under ZeRO-3 rank 0 streams it out one
     gathered parameter at a time (no rank holds the whole model); otherwise save_pretrained."""
     from minitron.config import parse_size
-    from minitron.distributed.sharded import export_streamed  # deepspeed: only jobs with an engine export
+    from minitron.distributed.sharded import export_configs, export_streamed  # deepspeed: jobs with an engine
 
     model = model if model is not None else engine.module
     max_shard_bytes = parse_size(max_shard_size, "export.max_shard_size")
@@ -75,9 +75,7 @@ def export_model(engine, tokenizer, model_dir: Path, gang, max_shard_size: str, 
         tmp.mkdir(parents=True)
     if engine.zero_optimization_stage() == 3:
         if gang.rank == 0:
-            model.config.save_pretrained(tmp)
-            if model.can_generate() and model.generation_config is not None:
-                model.generation_config.save_pretrained(tmp)
+            export_configs(model, tmp)
         export_streamed(model, tmp, max_shard_bytes)
     elif gang.rank == 0:
         model.save_pretrained(tmp, max_shard_size=max_shard_bytes)

@@ -5,6 +5,18 @@ import contextlib
 import torch
 
 
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """A parameter's shape; ZeRO-3 leaves a partitioned one an empty 1-d tensor and keeps its
+    shape as ds_shape."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 partitions `model`: its forward passes then gather parameters collectively,
+    so every rank must run as many."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def local_numel(param: torch.nn.Parameter) -> int:
     """Elements this rank holds for `param`: its ZeRO-3 partition (plus the whole of it when
     ZeRO-3 keeps a small parameter resident), else all of it."""

@@ -82,7 +82,13 @@ def load_partitioned(cfg, hf_config, dtype: torch.dtype, ds_config: dict, key: s
         # zero.Init reads the world size from DeepSpeed's comm, which only an engine would otherwise
         # start; it joins the process group init_gang made.
         deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
-    with captured_output(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    # No random init (every weight is about to be read), and zero.Init kept from casting the
+    # torch.arange behind RoPE's frequencies to a bf16 run's dtype (transformers' own recipe).
+    with captured_output(), no_init_weights(), prevent_arange_dtype_change(), \
+            deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
         model = model_class._from_config(hf_config, dtype=dtype, attn_implementation=attn)
     missing = load_into_partitions(model, build.checkpoint_tensors(path))
     if missing:
@@ -111,6 +117,16 @@ def load_into_partitions(model: torch.nn.Module, tensors: Iterator[Tuple[str, Ca
                 param.data.copy_(read())
         loaded.add(id(param))
     return [name for name, p in params.items() if id(p) not in loaded]
+
+
+def export_configs(model: torch.nn.Module, out_dir: Path) -> None:
+    """config.json and generation_config.json as save_pretrained writes them, which first records
+    the weights' dtype and the model's class (`architectures`) in the config."""
+    model.config.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out_dir)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(out_dir)
 
 
 def export_streamed(model: torch.nn.Module, out_dir: Path, max_shard_bytes: int) -> None:
@@ -167,7 +183,8 @@ def _full(tensor: torch.Tensor):
 
 def _plan_shards(sizes: List[Tuple[str, int]], max_shard_bytes: int) -> List[List[str]]:
     """Consecutive names grouped so that no group exceeds `max_shard_bytes` (a tensor larger than
-    that is a group of its own), as save_pretrained splits them."""
+    that is a group of its own). save_pretrained may group them otherwise (it puts an oversized
+    tensor in a file of its own and goes on filling the open one); both load the same."""
     shards: List[List[str]] = [[]]
     size = 0
     for name, nbytes in sizes:

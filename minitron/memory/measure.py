@@ -23,7 +23,7 @@ def peak_bytes(device: torch.device) -> int:
     """The most used since the last reset_peak (or since the process started)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:  # the address space's high-water mark, which clear_refs resets
+    try:  # the resident set's high-water mark (VmHWM), which clear_refs resets
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):

@@ -122,7 +122,7 @@ def estimate(teacher: Optional[ModelFacts], student: ModelFacts, setup: Setup, w
             host, weights = weights, 0.0
         out["teacher_weights"] = weights
         out["teacher_forward"] = tokens * (3 * teacher.hidden + 2 * teacher.ffn) * b
-    if not on_gpu:  # offloading to the CPU from the CPU moves nothing out of the run's memory
+    if not on_gpu and host:  # offloading to the CPU from the CPU moves nothing out of the run's memory
         out["teacher_weights"] += host
         host = 0.0
     out["device"] = sum(out.values())

@@ -239,9 +239,9 @@ def why_not_tensor_by_tensor(path: str, hf_config) -> Optional[str]:
         return "its model is code of its own"
     if type(hf_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         return f"transformers has no causal LM for {hf_config.model_type!r}"
-    files = weight_files(path)
-    if not files or any(f.suffix != ".safetensors" for f in files):
-        return "its weights are not all safetensors files"
+    files = model_safetensors(path)
+    if not files:
+        return "its weights are not safetensors files"
     headers = {name: entry for file in files for name, entry in safetensors_header(file)[0].items()}
     odd = sorted({entry.get("dtype") for entry in headers.values()} - set(SAFETENSORS_DTYPES))
     if odd:
@@ -252,6 +252,19 @@ def why_not_tensor_by_tensor(path: str, hf_config) -> Optional[str]:
     if unknown:
         return f"{len(unknown)} tensor name(s) are not the model's, e.g. {unknown[0]!r}"
     return None
+
+
+def model_safetensors(path: str) -> list:
+    """The model's safetensors files: those model.safetensors.index.json names, else
+    model.safetensors, else every *.safetensors (other files beside them, a Trainer's
+    training_args.bin or a repository's consolidated.safetensors, are not the model's)."""
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({root / name for name in read_json_object(index, "model.path")["weight_map"].values()})
+    if (root / "model.safetensors").is_file():
+        return [root / "model.safetensors"]
+    return sorted(root.glob("*.safetensors"))
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -272,7 +285,7 @@ def checkpoint_tensors(path: str):
     """(name, read) for every tensor of a checkpoint's safetensors files; read() returns that one
     tensor. Plain reads, not a memory map: the mapped pages of a file read through would count
     in the process's resident memory until it is closed, that is a whole shard at a time."""
-    for file in weight_files(path):
+    for file in model_safetensors(path):
         header, data_start = safetensors_header(file)
         with open(file, "rb") as f:
             for name, entry in header.items():

@@ -17,6 +17,7 @@ so N processes give the scores one process gives on the same samples, and the ba
 Depth importance by loss: the validation LM loss with a layer, or a block of layers, replaced
 by the identity.
 """
+import math
 from contextlib import contextmanager
 from typing import Dict, Iterable
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from minitron import progress
 from minitron.config import ConfigError
+from minitron.distributed.partitions import is_partitioned
 from minitron.models.adapters import FamilyAdapter
 from minitron.eval.perplexity import evaluate
 
@@ -177,15 +179,22 @@ def collect_activation_stats(model, adapter: FamilyAdapter, blocks: np.ndarray, 
     stats = empty_stats(model.config, head_dim, adapter)
     model.eval()
     mine = np.arange(gang.rank, len(blocks), gang.world_size)
+    passes = range(0, len(mine), micro_batch_size)
     with _hooks(model, adapter, stats, seq_agg, mlp_activation, head_dim), \
             progress.bar(len(blocks), "calibration", show=gang.rank == 0, unit="block") as shown:
-        for start in range(0, len(mine), micro_batch_size):
+        for start in passes:
             rows = mine[start:start + micro_batch_size]
             input_ids = torch.from_numpy(np.asarray(blocks[rows], dtype=np.int64)).to(device)
             model.base_model(input_ids=input_ids, use_cache=False)
             stats["samples"] += len(rows)
             stats["tokens"] += input_ids.numel()
-            shown.update(min(len(rows) * gang.world_size, len(blocks) - shown.n))  # every rank reads as many
+            shown.update(min(len(rows) * gang.world_size, len(blocks) - shown.n))
+    if is_partitioned(model):
+        # A ZeRO-3 teacher gathers its layers collectively in every forward pass: a rank with fewer
+        # blocks (rank 0 has the most) joins the others' last passes, its hooks removed.
+        for _ in range(math.ceil(math.ceil(len(blocks) / gang.world_size) / micro_batch_size) - len(passes)):
+            model.base_model(input_ids=torch.from_numpy(np.asarray(blocks[:1], dtype=np.int64)).to(device),
+                             use_cache=False)
     return _all_reduce(stats, gang)
 
 

@@ -217,7 +217,8 @@ def run_search_job(cfg: SearchJobConfig, config_yaml: str) -> dict:
 
 def score_zero_shot(cfg, plan: Plan, data, tokenizer, gang, todo, dirs, config_yaml) -> None:
     """Stage 1 for the candidates in `todo`: importance once (cached), then each pruned from the
-    in-memory teacher, scored on held-out blocks, and exported as minitron-prune writes it."""
+    teacher (in memory, or its files when ZeRO-3 partitions it), scored on held-out blocks, and
+    exported as minitron-prune writes it."""
     device = gang.device
     dtype = DTYPES[cfg.prune.precision]
     mb, eval_blocks = cfg.prune.calibration.micro_batch_size, cfg.search.eval_blocks

@@ -4,6 +4,7 @@ import math
 import torch
 
 from minitron.config import TrainConfig
+from minitron.distributed.partitions import full_shape
 
 
 def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -21,9 +22,7 @@ def schedule_length(cfg: TrainConfig) -> int:
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     """Weight decay on matrices only: norms and biases are not decayed (the usual LLM recipe)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    # A parameter created partitioned (ZeRO-3) is an empty 1-d tensor until gathered; its shape
-    # is the ds_shape DeepSpeed keeps on it.
-    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+    matrix = [len(full_shape(p)) >= 2 for p in params]  # a partitioned parameter's own shape is empty
     groups = [
         {"params": [p for p, m in zip(params, matrix) if m], "weight_decay": cfg.weight_decay},
         {"params": [p for p, m in zip(params, matrix) if not m], "weight_decay": 0.0},

@@ -96,3 +96,31 @@ def test_a_teacher_offloaded_to_cpu_gives_the_same_losses(runs, tiny_teacher, pr
     reference = runs[("tiny", 2)]
     assert offloaded["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-6)
     assert offloaded["teacher_val_loss"] == pytest.approx(reference["teacher_val_loss"], rel=1e-6)
+
+
+PARTITIONED_LOAD = """
+import sys, torch, deepspeed
+from transformers import AutoConfig, AutoModelForCausalLM
+from minitron.config import ModelConfig
+from minitron.distributed.gang import init_gang
+from minitron.distributed.sharded import load_partitioned
+init_gang()
+path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+      "bf16": {"enabled": dtype == torch.bfloat16}}
+model = load_partitioned(ModelConfig(path=path), AutoConfig.from_pretrained(path), dtype, ds, "teacher")
+reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+with deepspeed.zero.GatheredParameters(list(model.parameters())):
+    got = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, want in [*reference.named_parameters(), *reference.named_buffers()]:
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+print("equal", len(got))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_partitioned_load_equals_from_pretrained(tiny_teacher, dtype):
+    """Every parameter and buffer, values and dtypes: in bf16 too, where zero.Init would otherwise
+    cast RoPE's frequencies (a buffer computed at construction) to bf16."""
+    proc = run_cli([str(tiny_teacher), dtype], launcher=[sys.executable, "-c", PARTITIONED_LOAD])
+    assert proc.stdout.strip().splitlines()[-1].startswith("equal"), proc.stdout[-2000:]

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from minitron.distributed.sharded import export_streamed
+from minitron.distributed.sharded import export_configs, export_streamed
 
 
 def tiny_llama(tied: bool):
@@ -29,12 +29,15 @@ def tensors(directory) -> dict:
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("max_shard_bytes", [10**9, 20_000])
 def test_streamed_export_writes_what_save_pretrained_writes(tmp_path, tied, max_shard_bytes):
-    model = tiny_llama(tied)
+    model, twin = tiny_llama(tied), tiny_llama(tied)  # save_pretrained edits the config it saves
     reference, streamed = tmp_path / "reference", tmp_path / "streamed"
     model.save_pretrained(reference, max_shard_size=max_shard_bytes)
     streamed.mkdir()
-    model.config.save_pretrained(streamed)
-    export_streamed(model, streamed, max_shard_bytes)
+    export_configs(twin, streamed)
+    export_streamed(twin, streamed, max_shard_bytes)
+
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((streamed / name).read_text()) == json.loads((reference / name).read_text()), name
 
     want, got = tensors(reference), tensors(streamed)
     assert sorted(got) == sorted(want)

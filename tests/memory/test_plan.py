@@ -79,7 +79,12 @@ def test_recommends_the_cheapest_configuration_that_fits(pair, tmp_path):
     proc = run_cli([*common(pair, tmp_path, 64), "plan.processes=8", "plan.device_memory_gb=1.0"], launcher=PLAN)
     plan = json.loads((tmp_path / "plan.json").read_text())
     fitting = [c for c in plan["configurations"] if c["precision"] == "fp32" and c["device_gb"] <= 1.0]
-    assert fitting and plan["recommended"]
+    assert fitting and len(fitting) < 10  # some fp32 configurations do not fit
+    cheapest = min(fitting, key=lambda c: (c["teacher_offload"] != "none", c["activation_checkpointing"],
+                                           c["zero_stage"]))
+    assert plan["recommended"].startswith(f"deepspeed=zero{cheapest['zero_stage']} train.precision=fp32")
+    assert ("teacher.offload=cpu" in plan["recommended"]) == (cheapest["teacher_offload"] == "cpu")
+    assert ("activation_checkpointing" in plan["recommended"]) == cheapest["activation_checkpointing"]
     assert f"recommended: {plan['recommended']}" in proc.stdout
     # More memory never recommends a slower configuration; less memory never a larger one.
     roomy = run_cli([*common(pair, tmp_path / "roomy", 64), "plan.processes=8", "plan.device_memory_gb=80"],
@@ -92,6 +97,15 @@ def test_recommends_the_cheapest_configuration_that_fits(pair, tmp_path):
     offloaded = next(c for c in zero3 if c["teacher_offload"] == "cpu")
     resident = next(c for c in zero3 if c["teacher_offload"] == "none")
     assert offloaded["device_gb"] < resident["device_gb"] and offloaded["host_gb"] > 0
+
+
+def test_a_student_alone_plans_without_a_teacher(pair, tmp_path):
+    """distill=lm trains the student with no teacher: no teacher terms, on either device."""
+    for device in ("gpu", "cpu"):
+        run_cli([*common(pair, tmp_path / device), "distill=lm", f"plan.device={device}"], launcher=PLAN)
+        plan = json.loads((tmp_path / device / "plan.json").read_text())
+        assert plan["teacher_params"] == 0
+        assert all(not any(k.startswith("teacher") for k in c["bytes"]) for c in plan["configurations"])
 
 
 def test_a_device_no_configuration_fits_is_one_line_naming_the_key_and_the_smallest(pair, tmp_path):
