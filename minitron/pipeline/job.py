@@ -129,8 +129,10 @@ def correct_teacher(cfg, teacher: Model, data, out: Path, ledger: Ledger) -> Mod
 def _train_teacher(cfg, ledger: Ledger, stage: str, label: str, run: Path, key: str, model, data, train) -> Model:
     from minitron.train.job import run_training_job
 
-    job = TrainJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto", model=model, data=data, train=train,
-                         deepspeed=cfg.deepspeed, logger=NO_LOGGER)
+    # A copy of `train`: the job derives an unset micro batch in it, which must not leak into the
+    # pipeline's config, and so into the keys of later stages.
+    job = TrainJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto", model=model, data=data,
+                         train=dataclasses.replace(train), deepspeed=cfg.deepspeed, logger=NO_LOGGER)
     ledger.run(stage, label, run / "summary.json", stage, lambda: run_training_job(job, _yaml(job)))
     return Model("teacher", "teacher", str((run / "model").resolve()), key, str(run))
 
@@ -206,7 +208,8 @@ def distill_target(cfg, target: Target, teacher: Model, student: Model, data, ou
     run = out / "distill" / f"{target.name}-{key}"
     job = DistillJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto",
                            teacher=TeacherConfig(name="teacher", path=teacher.path),
-                           student=ModelConfig(name="student", path=student.path), data=data, train=cfg.train,
+                           student=ModelConfig(name="student", path=student.path), data=data,
+                           train=dataclasses.replace(cfg.train),  # a copy, as in _train_teacher
                            deepspeed=cfg.deepspeed, logger=NO_LOGGER, distill=cfg.distill)
     ledger.run("distill", target.name, run / "summary.json", f"distill/{target.name}",
                lambda: run_distill_job(job, _yaml(job)))

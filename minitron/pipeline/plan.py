@@ -153,7 +153,9 @@ def plan_pipeline(cfg: PipelineJobConfig) -> PipelinePlan:
         raise ConfigError(f"search_steps: must be at least 1, got {cfg.search_steps}")
     for section in ("pretrain", "correct", "train"):
         try:
-            check_train_config(_as_train_job(cfg, getattr(cfg, section)), world)
+            # On a copy: an unset micro batch stays unset in the stage keys (each stage derives
+            # it for its process count), so a rerun with another process count reuses the stages.
+            check_train_config(_as_train_job(cfg, dataclasses.replace(getattr(cfg, section))), world)
         except ConfigError as e:
             raise ConfigError(f"{section}.{str(e).removeprefix('train.')}" if str(e).startswith("train.")
                               else str(e)) from None
