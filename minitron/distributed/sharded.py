@@ -66,6 +66,9 @@ def load_partitioned(cfg, hf_config, dtype: torch.dtype, ds_config: dict, key: s
     at a time. None, with a warning, for a checkpoint this cannot read tensor by tensor (.bin
     files, code of its own, tensors named otherwise than the model's parameters, as transformers
     converts on load for some mixtures of experts): that one is loaded whole, then partitioned."""
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
     from minitron.config import ConfigError
     from minitron.models import build
 
@@ -82,9 +85,6 @@ def load_partitioned(cfg, hf_config, dtype: torch.dtype, ds_config: dict, key: s
         # zero.Init reads the world size from DeepSpeed's comm, which only an engine would otherwise
         # start; it joins the process group init_gang made.
         deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
-    from transformers.initialization import no_init_weights
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
-
     # No random init (every weight is about to be read), and zero.Init kept from casting the
     # torch.arange behind RoPE's frequencies to a bf16 run's dtype (transformers' own recipe).
     with captured_output(), no_init_weights(), prevent_arange_dtype_change(), \
