@@ -64,7 +64,7 @@ def export_model(engine, tokenizer, model_dir: Path, gang, max_shard_size: str, 
     engine's whole module) plus `extra_files` {name: text}, renamed into place only once complete
     so a crash never leaves a directory that looks finished. Under ZeRO-3 rank 0 streams it out one
     gathered parameter at a time (no rank holds the whole model); otherwise save_pretrained."""
-    from minitron.config import parse_size
+    from minitron.checks import parse_size
     from minitron.distributed.sharded import export_configs, export_streamed  # deepspeed: jobs with an engine
 
     model = model if model is not None else engine.module

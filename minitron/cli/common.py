@@ -10,7 +10,8 @@ from typing import Callable, Optional
 
 from minitron import progress
 from minitron.cli import rerun
-from minitron.config import ConfigError, check_output_dir
+from minitron.checks import check_output_dir
+from minitron.config import ConfigError
 from minitron.train.stopping import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted, TrainingDiverged
 
 EXIT_CONFIG_ERROR = 2

@@ -9,14 +9,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from minitron.config import ConfigError, DistillJobConfig, check_train_config
+from minitron.checks import check_train_config
+from minitron.config import ConfigError, DistillJobConfig
 from minitron.data.corpus import check_source
 from minitron.data.sampler import BlockSampler
 from minitron.data.tokenizer import check_tokenizer_files, load_tokenizer
 from minitron.distributed.engine import deepspeed_config, frozen_config, full_parameters, initialize, place_frozen
 from minitron.distributed.gang import world_size_from_env
 from minitron.distributed.partitions import teacher_memory
-from minitron.distributed.sharded import build_for_engine
+from minitron.distributed.sharded import build_for_engine, zero3
 from minitron.distill import triton_kl
 from minitron.distill.distiller import Distiller
 from minitron.distill.hidden import make_projection, resolve_index
@@ -259,7 +260,7 @@ def load_teacher(cfg, teacher_cfg, pairs, dtype, ds_config, gang, device):
     run, model = place_frozen(model, frozen, device)
     info = teacher_memory(model, gang)
     where = "replicated"
-    if ds_config["zero_optimization"].get("stage") == 3:
+    if zero3(ds_config):
         where = "ZeRO-3 shards" + (" in CPU memory" if cfg.teacher.offload == "cpu" else "")
     log.info("teacher: %s parameters, %.3f GiB on each rank (%s)", f"{info['teacher_params']:,}",
              info["teacher_bytes_per_rank"][gang.rank] / 2**30, where)

@@ -6,6 +6,7 @@ from typing import Any, Dict
 import torch
 
 from minitron.config import DeepSpeedConfig, TrainConfig
+from minitron.distributed.sharded import build_for_engine, zero3
 from minitron.logs import captured_output
 
 with captured_output():  # its import prints which accelerator it picked, bypassing logging
@@ -87,7 +88,6 @@ def frozen_model(cfg, hf_config, seed: int, dtype: torch.dtype, ds: DeepSpeedCon
     deepspeed.zero_optimization.stage=3 created partitioned, loaded tensor by tensor and run by a
     DeepSpeed engine without optimizer, so each rank holds 1/world of it and gathers one layer at
     a time; otherwise whole on every rank."""
-    from minitron.distributed.sharded import build_for_engine
 
     frozen = frozen_config({"train_batch_size": world_size, "train_micro_batch_size_per_gpu": 1,
                             "gradient_accumulation_steps": 1, "zero_optimization": dict(ds.zero_optimization),
@@ -101,7 +101,7 @@ def place_frozen(model: torch.nn.Module, frozen: Dict[str, Any], device: torch.d
     partitioned by a DeepSpeed engine of its own with no optimizer (DeepSpeed-Chat's
     reference-model recipe), so each rank holds 1/world of it; otherwise it is replicated. `run`
     does a forward pass."""
-    if frozen["zero_optimization"].get("stage", 0) != 3:
+    if not zero3(frozen):
         model = model.to(device)
         return model, model
     with captured_output():

@@ -21,8 +21,6 @@ with captured_output():
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-
 
 def zero3(ds_config: dict) -> bool:
     return ds_config["zero_optimization"].get("stage", 0) == 3
@@ -99,7 +97,8 @@ def load_partitioned(cfg, hf_config, dtype: torch.dtype, ds_config: dict, key: s
     return model
 
 
-def load_into_partitions(model: torch.nn.Module, tensors: Iterator[Tuple[str, Callable[[], torch.Tensor]]]) -> List[str]:
+def load_into_partitions(model: torch.nn.Module,
+                         tensors: Iterator[Tuple[str, Callable[[], torch.Tensor]]]) -> List[str]:
     """Copy a checkpoint's tensors, (name, read) one at a time, into a partitioned model: each
     parameter is gathered, rank 0 reads the tensor and writes it, and DeepSpeed re-partitions the
     new value to every rank. Returns the names of parameters the checkpoint did not hold (tied
@@ -135,6 +134,8 @@ def export_streamed(model: torch.nn.Module, out_dir: Path, max_shard_bytes: int)
     `model.safetensors.index.json` when there is more than one shard of at most
     `max_shard_bytes`), gathering one parameter at a time."""
     from safetensors.torch import save_file
+
+    from minitron.models.build import SAFETENSORS_INDEX
 
     entries = _exported_tensors(model)
     shards = _plan_shards([(name, _numel(t) * t.element_size()) for name, t in entries], max_shard_bytes)

@@ -3,7 +3,8 @@ checkpoints' config.json only (a hub name's alone is fetched); loads no weights,
 import logging
 from pathlib import Path
 
-from minitron.config import ConfigError, PlanJobConfig, auto_micro_batch_size
+from minitron.checks import auto_micro_batch_size
+from minitron.config import ConfigError, PlanJobConfig
 from minitron.distributed.gang import world_size_from_env
 from minitron.memory import plan as planner
 from minitron.models.build import count_params, resolve_hf_config

@@ -52,7 +52,8 @@ class ModelFacts:
     ffn: int
     kv_dim: int
     vocab: int
-    largest_layer_params: int
+    layer_params: int
+    """A decoder layer's parameters (the mean over layers: ZeRO-3 gathers one at a time)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def facts(hf_config, params: int) -> ModelFacts:
     layers = hf_config.num_hidden_layers
     return ModelFacts(params=params, layers=layers, hidden=hf_config.hidden_size, ffn=ffn,
                       kv_dim=kv_heads * head_dim, vocab=hf_config.vocab_size,
-                      largest_layer_params=max((params - embeddings) // max(layers, 1), 0))
+                      layer_params=max((params - embeddings) // max(layers, 1), 0))
 
 
 def estimate(teacher: Optional[ModelFacts], student: ModelFacts, setup: Setup, world_size: int,
@@ -114,7 +115,7 @@ def estimate(teacher: Optional[ModelFacts], student: ModelFacts, setup: Setup, w
         weights = teacher.params * b
         if setup.zero_stage == 3:
             weights /= world_size
-            gathered = teacher.largest_layer_params * b
+            gathered = teacher.layer_params * b
             if on_gpu:
                 gathered += GPU_PREFETCH_ELEMENTS * b
             out["teacher_gathered"] = gathered
@@ -130,10 +131,10 @@ def estimate(teacher: Optional[ModelFacts], student: ModelFacts, setup: Setup, w
     return out
 
 
-def setups(precision: Optional[str] = None) -> List[Setup]:
+def setups() -> List[Setup]:
     """Every choice the planner weighs (offload only with ZeRO-3, as DeepSpeed allows)."""
     out = []
-    for p in ([precision] if precision else list(BYTES)):
+    for p in BYTES:
         for stage in STAGES:
             for offload in (("none", "cpu") if stage == 3 else ("none",)):
                 for checkpointing in (False, True):

@@ -254,12 +254,15 @@ def why_not_tensor_by_tensor(path: str, hf_config) -> Optional[str]:
     return None
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
 def model_safetensors(path: str) -> list:
     """The model's safetensors files: those model.safetensors.index.json names, else
     model.safetensors, else every *.safetensors (other files beside them, a Trainer's
     training_args.bin or a repository's consolidated.safetensors, are not the model's)."""
     root = Path(path)
-    index = root / "model.safetensors.index.json"
+    index = root / SAFETENSORS_INDEX
     if index.is_file():
         return sorted({root / name for name in read_json_object(index, "model.path")["weight_map"].values()})
     if (root / "model.safetensors").is_file():

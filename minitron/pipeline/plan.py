@@ -15,8 +15,9 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
+from minitron.checks import check_train_config
 from minitron.config import (PIPELINE_STAGES, ConfigError, DistillJobConfig, LoggerConfig, PipelineJobConfig,
-                             PruneExportConfig, SearchJobConfig, TargetConfig, check_train_config)
+                             PruneExportConfig, SearchJobConfig, TargetConfig)
 from minitron.data.corpus import check_source
 from minitron.data.tokenizer import check_tokenizer_files
 from minitron.distributed.gang import world_size_from_env

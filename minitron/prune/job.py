@@ -14,7 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from minitron.config import ConfigError, PruneJobConfig, check_output_dir
+from minitron.checks import check_output_dir
+from minitron.config import ConfigError, PruneJobConfig
 from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
 from minitron.distributed.gang import init_gang

@@ -16,8 +16,8 @@ from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from minitron.config import (ConfigError, DistillJobConfig, LoggerConfig, SearchJobConfig, TeacherConfig,
-                             check_train_config)
+from minitron.checks import check_train_config
+from minitron.config import ConfigError, DistillJobConfig, LoggerConfig, SearchJobConfig, TeacherConfig
 from minitron.data.packing import build_or_load
 from minitron.distributed.gang import init_gang, world_size_from_env
 from minitron.distributed.partitions import full_values, teacher_memory
@@ -96,7 +96,8 @@ def check_run_inputs(cfg: SearchJobConfig, plan: Plan) -> DistillJobConfig:
     check_teacher_checkpoint(cfg, plan.teacher_config)
     check_shardable(cfg.model.path, plan.teacher_config, cfg.deepspeed)
     template = DistillJobConfig(
-        output_dir="", seed=cfg.seed, resume="auto", teacher=TeacherConfig(**{**dataclasses.asdict(cfg.model), "name": "teacher"}),
+        output_dir="", seed=cfg.seed, resume="auto",
+        teacher=TeacherConfig(**{**dataclasses.asdict(cfg.model), "name": "teacher"}),
         data=copy.deepcopy(cfg.data), train=dataclasses.replace(cfg.train, schedule_steps=cfg.train.max_steps),
         deepspeed=copy.deepcopy(cfg.deepspeed), logger=LoggerConfig(backend="none"),
         distill=copy.deepcopy(cfg.distill))
@@ -230,39 +231,30 @@ def score_zero_shot(cfg, plan: Plan, data, tokenizer, gang, todo, dirs, config_y
     # A sharded teacher's students are sliced from its files (check_shardable vouched for them).
     weights = SafetensorsWeights(cfg.model.path) if sharded(cfg.deepspeed) else model_weights(teacher)
     head = teacher.get_output_embeddings().weight
-    with full_values(head):
-        score_candidates(cfg, plan, data, tokenizer, gang, todo, dirs, config_yaml, imp, teacher, teacher_hidden,
-                         teacher_params, weights, head)
-
-
-def score_candidates(cfg, plan: Plan, data, tokenizer, gang, todo, dirs, config_yaml, imp, teacher, teacher_hidden,
-                     teacher_params: int, weights, head) -> None:
-    device = gang.device
-    dtype = DTYPES[cfg.prune.precision]
-    mb, eval_blocks = cfg.prune.calibration.micro_batch_size, cfg.search.eval_blocks
-    for i in todo:
-        shape, sizes = plan.chosen[i]
-        kept = scores.kept_for(imp, plan.teacher, shape, cfg.prune, cfg.seed)
-        student = prune_model(weights, plan.adapter, kept,
-                              student_config(plan.teacher_config, plan.adapter, shape, kept.layers),
-                              dtype, teacher.config._attn_implementation).to(device)
-        zs = zero_shot_scores(student, teacher_hidden, head, len(tokenizer),
-                              data.val, mb, gang, device, eval_blocks, logit_softcap(teacher.config))
-        log.info("zero-shot %s: val_loss %.4f, KL %.4f", shape_name(shape), zs["val_loss"], zs["kl"])
-        if gang.rank == 0:
-            summary = {"teacher_params": teacher_params, "student_params": sizes.params,
-                       "teacher_val_loss": imp.teacher_loss(cfg.prune.depth.eval_blocks),
-                       "student_val_loss": zs["val_loss"], "student_kl": zs["kl"],
-                       "calibration_seconds": imp.calibration_seconds, "scores_reused": imp.reused,
-                       "world_size": gang.world_size, "output_model": str((dirs[i] / "pruned").resolve())}
-            manifest = pruning_manifest(cfg, imp, data, plan.teacher, shape, kept, teacher_params, sizes.params)
-            export(student, tokenizer, dirs[i] / "pruned", {"pruning.json": manifest, "summary.json": summary},
-                   config_yaml)
-            write_json_atomic(dirs[i] / "zero_shot.json", {
-                "val_loss": zs["val_loss"], "kl": zs["kl"], "teacher_val_loss": summary["teacher_val_loss"],
-                "scores": str(imp.path)})
-        gang.barrier()
-        del student
+    with full_values(head):  # gathered while the candidates' KL to the teacher uses it
+        for i in todo:
+            shape, sizes = plan.chosen[i]
+            kept = scores.kept_for(imp, plan.teacher, shape, cfg.prune, cfg.seed)
+            student = prune_model(weights, plan.adapter, kept,
+                                  student_config(plan.teacher_config, plan.adapter, shape, kept.layers),
+                                  dtype, teacher.config._attn_implementation).to(device)
+            zs = zero_shot_scores(student, teacher_hidden, head, len(tokenizer),
+                                  data.val, mb, gang, device, eval_blocks, logit_softcap(teacher.config))
+            log.info("zero-shot %s: val_loss %.4f, KL %.4f", shape_name(shape), zs["val_loss"], zs["kl"])
+            if gang.rank == 0:
+                summary = {"teacher_params": teacher_params, "student_params": sizes.params,
+                           "teacher_val_loss": imp.teacher_loss(cfg.prune.depth.eval_blocks),
+                           "student_val_loss": zs["val_loss"], "student_kl": zs["kl"],
+                           "calibration_seconds": imp.calibration_seconds, "scores_reused": imp.reused,
+                           "world_size": gang.world_size, "output_model": str((dirs[i] / "pruned").resolve())}
+                manifest = pruning_manifest(cfg, imp, data, plan.teacher, shape, kept, teacher_params, sizes.params)
+                export(student, tokenizer, dirs[i] / "pruned", {"pruning.json": manifest, "summary.json": summary},
+                       config_yaml)
+                write_json_atomic(dirs[i] / "zero_shot.json", {
+                    "val_loss": zs["val_loss"], "kl": zs["kl"], "teacher_val_loss": summary["teacher_val_loss"],
+                    "scores": str(imp.path)})
+            gang.barrier()
+            del student
 
 
 def _read_round(cand_dir: Path, steps: int) -> Optional[dict]:

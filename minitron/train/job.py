@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from minitron.config import ConfigError, TrainJobConfig, check_train_config
+from minitron.checks import check_train_config
+from minitron.config import ConfigError, TrainJobConfig
 from minitron.data.corpus import check_source
 from minitron.data.sampler import BlockSampler
 from minitron.distributed.engine import deepspeed_config, initialize

@@ -7,8 +7,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from minitron.cli.common import check_group_choices, conf_dir, prepare_argv
+from minitron.checks import check_train_config
 from minitron.config import (ConfigError, DistillConfig, DistillJobConfig, PruneConfig, PruneJobConfig,
-                             TrainJobConfig, check_train_config, register_schemas)
+                             TrainJobConfig, register_schemas)
 
 GROUPS = {g: sorted(p.stem for p in (Path(conf_dir()) / g).glob("*.yaml"))
           for g in ("model", "deepspeed", "logger")}
