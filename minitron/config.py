@@ -61,6 +61,14 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
+class TeacherPlacementConfig:
+    """Where the frozen teacher of a search's or a pipeline's distillations lives (their teacher
+    is model.*): minitron-distill's teacher.offload, under the same key."""
+    offload: str = "none"
+    """cpu or none, as minitron-distill's teacher.offload (needs deepspeed=zero3)."""
+
+
+@dataclass
 class ExportConfig:
     max_shard_size: str = "50GB"
     """The exported model's safetensors files hold at most this much each (5GB, 500MB, 2GiB or
@@ -487,6 +495,10 @@ class SearchJobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     """The budgets and the space of shapes (search=<preset>)."""
+    teacher: TeacherPlacementConfig = field(default_factory=TeacherPlacementConfig)
+    """The candidates' frozen teacher (model.*): teacher.offload=cpu keeps its ZeRO-3 partitions in CPU memory."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """The candidates' distilled checkpoints: export.max_shard_size."""
 
 
 @dataclass
@@ -582,6 +594,12 @@ class PipelineJobConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """The pipeline's own run (report tables and plots); the stages log to metrics.jsonl."""
+    teacher: TeacherPlacementConfig = field(default_factory=TeacherPlacementConfig)
+    """The distillations' frozen teacher (model.*, or its corrected copy): teacher.offload=cpu keeps
+    its ZeRO-3 partitions in CPU memory. Not part of the stage keys (it moves no number)."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Every trained or distilled checkpoint's files (export.max_shard_size); not part of the stage
+    keys, so a rerun with another size reuses the finished stages as they were written."""
 
 
 def register_schemas() -> None:

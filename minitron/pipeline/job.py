@@ -132,7 +132,7 @@ def _train_teacher(cfg, ledger: Ledger, stage: str, label: str, run: Path, key: 
     # A copy of `train`: the job derives an unset micro batch in it, which must not leak into the
     # pipeline's config, and so into the keys of later stages.
     job = TrainJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto", model=model, data=data,
-                         train=dataclasses.replace(train), deepspeed=cfg.deepspeed, logger=NO_LOGGER)
+                         train=dataclasses.replace(train), deepspeed=cfg.deepspeed, logger=NO_LOGGER, export=cfg.export)
     ledger.run(stage, label, run / "summary.json", stage, lambda: run_training_job(job, _yaml(job)))
     return Model("teacher", "teacher", str((run / "model").resolve()), key, str(run))
 
@@ -207,10 +207,10 @@ def distill_target(cfg, target: Target, teacher: Model, student: Model, data, ou
     key = spec_key("distill", teacher.key, student.key, data, cfg.distill, cfg.train, cfg.seed)
     run = out / "distill" / f"{target.name}-{key}"
     job = DistillJobConfig(output_dir=str(run), seed=cfg.seed, resume="auto",
-                           teacher=TeacherConfig(name="teacher", path=teacher.path),
+                           teacher=TeacherConfig(name="teacher", path=teacher.path, offload=cfg.teacher.offload),
                            student=ModelConfig(name="student", path=student.path), data=data,
                            train=dataclasses.replace(cfg.train),  # a copy, as in _train_teacher
-                           deepspeed=cfg.deepspeed, logger=NO_LOGGER, distill=cfg.distill)
+                           deepspeed=cfg.deepspeed, logger=NO_LOGGER, distill=cfg.distill, export=cfg.export)
     ledger.run("distill", target.name, run / "summary.json", f"distill/{target.name}",
                lambda: run_distill_job(job, _yaml(job)))
     return Model(target.name, "distilled", str((run / "model").resolve()), key, str(run))

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from minitron.checks import check_train_config
 from minitron.config import (PIPELINE_STAGES, ConfigError, DistillJobConfig, LoggerConfig, PipelineJobConfig,
-                             PruneExportConfig, SearchJobConfig, TargetConfig)
+                             PruneExportConfig, SearchJobConfig, TargetConfig, TeacherConfig)
 from minitron.data.corpus import check_source
 from minitron.data.tokenizer import check_tokenizer_files
 from minitron.distributed.gang import world_size_from_env
@@ -143,7 +143,8 @@ def search_config(cfg: PipelineJobConfig, target: Target, model_path: Optional[s
         data=data or cfg.data, prune=dataclasses.replace(cfg.prune, export=PruneExportConfig(), scores_dir=scores_dir),
         distill=cfg.distill, train=dataclasses.replace(cfg.train, max_steps=cfg.search_steps, eval_every=0),
         deepspeed=cfg.deepspeed, logger=LoggerConfig(backend="none"),
-        search=dataclasses.replace(cfg.search, params=target.params, candidate=None, dry_run=False))
+        search=dataclasses.replace(cfg.search, params=target.params, candidate=None, dry_run=False),
+        teacher=cfg.teacher, export=cfg.export)
 
 
 def plan_pipeline(cfg: PipelineJobConfig) -> PipelinePlan:
@@ -193,4 +194,4 @@ def plan_pipeline(cfg: PipelineJobConfig) -> PipelinePlan:
 def _as_train_job(cfg: PipelineJobConfig, train):
     """A stand-in job config for the train-loop checks (they read train, resume, logger, deepspeed)."""
     return DistillJobConfig(output_dir=cfg.output_dir, train=train, deepspeed=cfg.deepspeed, logger=cfg.logger,
-                            distill=cfg.distill)
+                            distill=cfg.distill, teacher=TeacherConfig(offload=cfg.teacher.offload), export=cfg.export)

@@ -97,10 +97,10 @@ def check_run_inputs(cfg: SearchJobConfig, plan: Plan) -> DistillJobConfig:
     check_shardable(cfg.model.path, plan.teacher_config, cfg.deepspeed)
     template = DistillJobConfig(
         output_dir="", seed=cfg.seed, resume="auto",
-        teacher=TeacherConfig(**{**dataclasses.asdict(cfg.model), "name": "teacher"}),
+        teacher=TeacherConfig(**{**dataclasses.asdict(cfg.model), "name": "teacher", "offload": cfg.teacher.offload}),
         data=copy.deepcopy(cfg.data), train=dataclasses.replace(cfg.train, schedule_steps=cfg.train.max_steps),
         deepspeed=copy.deepcopy(cfg.deepspeed), logger=LoggerConfig(backend="none"),
-        distill=copy.deepcopy(cfg.distill))
+        distill=copy.deepcopy(cfg.distill), export=copy.deepcopy(cfg.export))
     template.student = dataclasses.replace(cfg.model, name="student", path=None, init="pretrained")
     from minitron.distill.job import check_loss_config  # imports deepspeed: not for a dry run
 
@@ -113,7 +113,7 @@ def check_run_inputs(cfg: SearchJobConfig, plan: Plan) -> DistillJobConfig:
 def _spec(cfg: SearchJobConfig) -> dict:
     """Everything a candidate's results depend on; a search dir holds results of one spec only."""
     spec = OmegaConf.to_container(OmegaConf.structured(cfg))
-    for key in ("output_dir", "logger"):
+    for key in ("output_dir", "logger", "teacher", "export"):  # where things live, not what they hold
         spec.pop(key)
     spec["search"].pop("candidate")
     spec["search"].pop("dry_run")

@@ -172,3 +172,26 @@ def test_teacher_correction_prunes_and_distils_from_the_corrected_teacher(piped,
     rows = rows_by_model(out)
     _, _, first = piped
     assert rows[("teacher", "teacher")]["val_loss"] != first[("teacher", "teacher")]["val_loss"]
+
+
+def test_teacher_offload_and_shard_size_reach_the_distillation(piped, corpus_dir, tmp_path):
+    """teacher.offload and export.max_shard_size are the pipeline's keys as they are
+    minitron-distill's: under ZeRO-3 the distillation's teacher lives in CPU memory and the
+    distilled student is written in shards, and the student is the one the plain run distils."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    out, _, want = piped
+    teacher = json.loads((out / "summary.json").read_text())["teacher"]
+    run = tmp_path / "run"
+    run_cli(pipeline_args(corpus_dir, run, f"model.path={teacher}", "stages=[importance,prune,distill,eval,report]",
+                          "deepspeed=zero3", "teacher.offload=cpu", "export.max_shard_size=40KB", targets=(SHALLOW,)),
+            launcher=PIPELINE)
+    distill_dir = next((run / "distill").glob("shallow-*"))
+    assert yaml.safe_load((distill_dir / "config.yaml").read_text())["teacher"]["offload"] == "cpu"
+    index = json.loads((distill_dir / "model" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    AutoModelForCausalLM.from_pretrained(distill_dir / "model")
+    got = rows_by_model(run)
+    assert got[("shallow", "distilled")]["val_loss"] == pytest.approx(want[("shallow", "distilled")]["val_loss"],
+                                                                      rel=1e-5)

@@ -44,13 +44,23 @@ def searched(tmp_path_factory, tiny_teacher, corpus_dir):
 
 def test_a_zero3_sharded_teacher_over_two_processes_searches_like_one(tmp_path, tiny_teacher, corpus_dir, searched):
     """The importance pass and the zero-shot scores run on the teacher ZeRO-3-partitioned over 2
-    ranks, the candidates are sliced from its files and distilled under ZeRO-3: the same zero-shot
-    losses and the same distillation losses as one process with the teacher whole."""
+    ranks, the candidates are sliced from its files and distilled under ZeRO-3 with the teacher's
+    partitions in CPU memory (teacher.offload) and their students written in shards
+    (export.max_shard_size): the same zero-shot losses and the same distillation losses as one
+    process with the teacher whole."""
+    import yaml
+
     out = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(free_port()), "-m", "minitron.cli.search"]
-    run_cli(search_args(tiny_teacher, corpus_dir, out, "logger=none", "deepspeed=zero3",
-                        "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0"), launcher=torchrun)
+    run_cli(search_args(tiny_teacher, corpus_dir, out, "logger=none", "deepspeed=zero3", "teacher.offload=cpu",
+                        "export.max_shard_size=40KB", "+deepspeed.zero_optimization.stage3_param_persistence_threshold=0"),
+            launcher=torchrun)
+    for distilled in out.glob("candidates/*/distill"):
+        assert yaml.safe_load((distilled / "config.yaml").read_text())["teacher"]["offload"] == "cpu"
+        index = json.loads((distilled / "model" / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+    assert len(list(out.glob("candidates/*/distill"))) == 4
     one, two = candidate_losses(searched[0]), candidate_losses(out)
     assert sorted(one) == sorted(two)
     for name, (zero_shot, distilled) in one.items():
