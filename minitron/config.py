@@ -401,6 +401,14 @@ class PlanJobConfig(DistillJobConfig):
 
 
 @dataclass
+class PrunePlanJobConfig(PruneJobConfig):
+    """minitron-prune's config (what would run) plus the device to plan for (minitron-plan prune)."""
+    output_dir: str = "runs/plan"
+    """plan.json: every configuration's predicted peak per rank, by component, and the choice."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+@dataclass
 class AxisRange:
     """One axis of the search space: the explicit `choices`, or else every multiple of `step` from
     `min` (unset: `min_ratio` x the teacher's value, rounded up) to the teacher's value, which is
@@ -610,6 +618,7 @@ def register_schemas() -> None:
     cs.store(name="search_job_schema", node=SearchJobConfig)
     cs.store(name="eval_schema", node=EvalJobConfig)
     cs.store(name="plan_schema", node=PlanJobConfig)
+    cs.store(name="plan_prune_schema", node=PrunePlanJobConfig)
     cs.store(name="pipeline_schema", node=PipelineJobConfig)
     cs.store(group="search", name="search_schema", node=SearchConfig)
     cs.store(group="distill", name="distill_loss_schema", node=DistillConfig)

@@ -169,7 +169,7 @@ def with_logging(job: Callable, command: str) -> Callable:
         started = time.perf_counter()
         result = job(cfg)
         if rank == 0:
-            print(f"{command} done in {progress.duration(time.perf_counter() - started)}: everything is in "
-                  f"{cfg.output_dir}/ (log: {log_file.name})", flush=True)
+            print(f"{command.replace('_', ' ')} done in {progress.duration(time.perf_counter() - started)}: "
+                  f"everything is in {cfg.output_dir}/ (log: {log_file.name})", flush=True)
         return result
     return wrapper

@@ -22,7 +22,7 @@ from minitron import config
 JOB_SCHEMAS = {"train": config.TrainJobConfig, "prune": config.PruneJobConfig,
                "distill": config.DistillJobConfig, "search": config.SearchJobConfig,
                "eval": config.EvalJobConfig, "pipeline": config.PipelineJobConfig,
-               "plan": config.PlanJobConfig}
+               "plan": config.PlanJobConfig, "plan_prune": config.PrunePlanJobConfig}
 WIDTH = 100
 KEY_INDENT, DOC_INDENT = "  ", "      "
 
@@ -35,7 +35,8 @@ def command_help(config_name: str, conf_dir: str, overrides: Optional[Sequence[s
     `minitron-train model=tiny --help` shows the tiny preset's values."""
     wanted = _plain_overrides(sys.argv[1:] if overrides is None else overrides)
     cfg, choices, problem = _compose(config_name, conf_dir, wanted)
-    lines = [f"usage: minitron-{config_name} [key=value ...] [-m key=a,b ...]", "",
+    command = config_name.replace("_", " ")  # plan_prune is `minitron-plan prune`
+    lines = [f"usage: minitron-{command} [key=value ...] [-m key=a,b ...]", "",
              *_description(Path(conf_dir) / f"{config_name}.yaml"), ""]
     lines += _group_lines(conf_dir, cfg, choices)
     if problem:

@@ -1,4 +1,7 @@
-"""minitron-plan: predicted peak memory per rank of a distillation, before launch (see conf/plan.yaml)."""
+"""minitron-plan: predicted peak memory per rank of a distillation, before launch (conf/plan.yaml);
+`minitron-plan prune ...`: of a pruning (conf/plan_prune.yaml)."""
+import sys
+
 from omegaconf import DictConfig, OmegaConf
 
 from minitron.config import register_schemas
@@ -8,7 +11,8 @@ def _plan(cfg: DictConfig) -> None:
     from minitron.memory.job import run_plan_job
 
     summary = run_plan_job(OmegaConf.to_object(cfg))
-    print(f"teacher {summary['teacher_params']:,} + student {summary['student_params']:,} parameters, "
+    models = "teacher {:,} + student {:,}" if summary["job"] == "distill" else "teacher {:,} pruned to {:,}"
+    print(f"{models.format(summary['teacher_params'], summary['student_params'])} parameters, "
           f"{summary['processes']} process(es), micro batch {summary['micro_batch_size']} x {summary['seq_len']} "
           f"tokens, on {summary['device']}:", flush=True)
     print(summary["table"], flush=True)
@@ -20,7 +24,10 @@ def main() -> None:
     from minitron.cli.common import run_hydra
 
     register_schemas()
-    run_hydra("plan", _plan, saved_config=None)
+    config_name = "plan"
+    if sys.argv[1:2] in (["prune"], ["distill"]):  # the job planned; distill is the default
+        config_name = "plan_prune" if sys.argv.pop(1) == "prune" else "plan"
+    run_hydra(config_name, _plan, saved_config=None)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """How much of a model this rank holds: all of it, or its ZeRO-3 partitions (read from the
-attributes DeepSpeed puts on a partitioned parameter, so nothing here imports DeepSpeed)."""
+attributes DeepSpeed puts on a partitioned parameter, so nothing here imports DeepSpeed unless a
+model is partitioned)."""
 import contextlib
 
 import torch
@@ -33,6 +34,20 @@ def full_values(*params: torch.nn.Parameter):
     from minitron.distributed.engine import full_parameters
 
     return full_parameters(params)
+
+
+def release(model: torch.nn.Module) -> None:
+    """Let a ZeRO-3-partitioned model be freed once the caller drops it. DeepSpeed puts each
+    engine's top module on a module-level stack (parameter_offload.FWD_MODULE_STACK) and never
+    takes it off, so without this a frozen teacher's partitions stay allocated for the rest of
+    the process (measured: all of a 119M teacher's, while pruning built the student beside it)."""
+    if not is_partitioned(model):
+        return
+    from deepspeed.runtime.zero import parameter_offload
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack[:] = [m for m in stack if m is not model]
 
 
 def teacher_memory(model, gang) -> dict:

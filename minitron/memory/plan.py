@@ -24,6 +24,14 @@ built. The terms and where their constants come from:
   one layer (nothing is kept for a backward pass).
 - The chunked logit loss (distill/fused.py): a few chunk x vocabulary fp32 buffers (both models'
   logits, their log-probabilities, the gradient), never the whole batch's logits.
+
+Pruning (`estimate_prune`) trains nothing: the teacher's weights (whole, or 1/world and one
+gathered layer under ZeRO-3), the calibration pass's working set, and afterwards, with the teacher
+released, the student it slices and evaluates. The calibration pass keeps every layer boundary's
+unit hidden states of one micro-batch in fp32 (prune/importance.py, for block importance) beside
+one layer's forward pass; its per-token constant, 6 x hidden + 6 x FFN values, was read from
+minitron-prune's own peaks (benchmarks/memory_plan.py --job prune) for 86M-300M teachers, as was
+the host memory from_pretrained holds while it loads a replicated teacher.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -41,6 +49,10 @@ STUDENT_STATE_BYTES = {
 }
 LOGIT_CHUNK_BUFFERS = 6  # fp32 chunk x vocabulary tensors alive at once in the fused loss
 GPU_PREFETCH_ELEMENTS = 5e7  # DeepSpeed's stage3_prefetch_bucket_size default (off on the CPU)
+FORWARD_VALUES_PER_TOKEN = (6, 6)  # (x hidden, x FFN): one layer's no-grad forward with the importance hooks
+LOSS_CHUNK_TOKENS = 1024  # eval/perplexity.py's chunk of the next-token loss
+LOSS_CHUNK_BUFFERS = 3  # the chunk's logits, their fp32 copy and log-softmax
+HF_LOAD_HOST_BYTES = 78 * 2**20  # from_pretrained's own memory while loading; 77-79 MiB measured for 86M-300M
 
 
 @dataclass(frozen=True)
@@ -139,4 +151,52 @@ def setups() -> List[Setup]:
             for offload in (("none", "cpu") if stage == 3 else ("none",)):
                 for checkpointing in (False, True):
                     out.append(Setup(stage, p, offload, checkpointing))
+    return out
+
+
+PRUNE_STAGES = (0, 3)  # ZeRO-3 partitions the teacher; every other stage replicates it
+
+
+def prune_setups() -> List[Setup]:
+    """Pruning's choices: the teacher replicated (zero0; stages 1 and 2 are the same for a model
+    without optimizer) or ZeRO-3-partitioned, in either precision."""
+    return [Setup(stage, p) for p in BYTES for stage in PRUNE_STAGES]
+
+
+def forward_bytes(facts: ModelFacts, tokens: int, bytes_per_value: int) -> float:
+    per_hidden, per_ffn = FORWARD_VALUES_PER_TOKEN
+    return tokens * (per_hidden * facts.hidden + per_ffn * facts.ffn) * bytes_per_value
+
+
+def estimate_prune(teacher: ModelFacts, student: ModelFacts, setup: Setup, world_size: int, micro_batch_size: int,
+                   seq_len: int, file_bytes: int, on_gpu: bool) -> Dict[str, float]:
+    """Bytes per rank of minitron-prune, by component, as `estimate` gives them. The teacher
+    phase (loading, calibration) and the student phase (the sliced student evaluated once the
+    teacher is released) do not overlap: `device` is the larger. `file_bytes`: the checkpoint's
+    bytes per value; a replicated teacher loaded in another precision is read whole before the
+    cast (host memory, the run's own on the CPU)."""
+    b = BYTES[setup.precision]
+    tokens = micro_batch_size * seq_len
+    loss_chunk = LOSS_CHUNK_BUFFERS * min(LOSS_CHUNK_TOKENS, tokens) * teacher.vocab * 4
+    boundaries = (teacher.layers + 1) * tokens * teacher.hidden * 4
+    out = {"teacher_weights": float(teacher.params * b)}
+    if setup.zero_stage == 3:  # loaded tensor by tensor into the partitions: nothing whole on the host
+        out["teacher_weights"] /= world_size
+        out["teacher_gathered"] = teacher.layer_params * b + (GPU_PREFETCH_ELEMENTS * b if on_gpu else 0)
+        loading, cast = 0.0, 0.0
+    else:
+        loading, cast = HF_LOAD_HOST_BYTES, float(teacher.params * file_bytes if file_bytes != b else 0)
+    working = max(boundaries + forward_bytes(teacher, tokens, b), forward_bytes(teacher, tokens, b) + loss_chunk)
+    if on_gpu:
+        out["calibration"] = working
+        host = loading + cast
+    else:  # the cast's copy is freed before the calibration pass; from_pretrained's memory is not
+        out["teacher_load"] = loading
+        out["calibration_or_cast"] = max(working, cast)
+        host = 0.0
+    teacher_phase = sum(out.values())
+    out["student_weights"] = float(student.params * b)
+    out["student_eval"] = forward_bytes(student, tokens, b) + loss_chunk
+    out["device"] = max(teacher_phase, out["student_weights"] + out["student_eval"])
+    out["host"] = host
     return out

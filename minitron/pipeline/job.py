@@ -22,6 +22,7 @@ from minitron.config import (DistillJobConfig, LoggerConfig, ModelConfig, Pipeli
                              TeacherConfig, TrainJobConfig)
 from minitron.data.packing import build_or_load
 from minitron.distributed.gang import init_gang
+from minitron.distributed.partitions import release
 from minitron.eval.job import evaluate_model
 from minitron.models.build import build_model, resolve_hf_config
 from minitron.pipeline import report
@@ -169,6 +170,7 @@ def score_importance(cfg, plan: PipelinePlan, teacher: Model, data, scores_dir: 
         check_shardable(job.model.path, teacher_cfg, job.deepspeed)
         model = scoring_teacher(job.model, teacher_cfg, cfg.seed, DTYPES[cfg.prune.precision], job.deepspeed, gang)
         imp = scores.load_or_score(job, model, adapter_for(teacher_cfg), packed, gang, gang.device, blocks)
+        release(model)
         if gang.rank == 0:
             write_json_atomic(marker, {"scores": str(imp.path), "teacher": teacher.path,
                                        "calibration_seconds": imp.calibration_seconds})

@@ -19,9 +19,10 @@ from minitron.config import ConfigError, PruneJobConfig
 from minitron.data.corpus import check_source
 from minitron.data.packing import build_or_load
 from minitron.distributed.gang import init_gang
-from minitron.distributed.partitions import teacher_memory
+from minitron.distributed.partitions import release, teacher_memory
 from minitron.eval.perplexity import evaluate
 from minitron.logs import captured_output, is_log_file
+from minitron.memory import measure
 from minitron.models.adapters import adapter_for
 from minitron.models.weights import SafetensorsWeights, model_weights
 from minitron.models.build import (DTYPES, build_model, check_checkpoint_files, count_params, has_tokenizer,
@@ -115,6 +116,7 @@ def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:
     tokenizer = data.tokenizer()
     check_vocab(tokenizer, teacher_cfg)
 
+    memory_mark = measure.reset_peak(device)
     teacher = scoring_teacher(cfg.model, teacher_cfg, cfg.seed, DTYPES[p.precision], cfg.deepspeed, gang)
     held = teacher_memory(teacher, gang)
     imp = scores.load_or_score(cfg, teacher, adapter, data, gang, device, [scores.depth_block(shape, target, p.depth)])
@@ -127,6 +129,7 @@ def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:
     weights = SafetensorsWeights(cfg.model.path)
     if not set(dict(teacher.named_parameters())) <= set(weights):
         weights = model_weights(teacher)
+    release(teacher)
     del teacher
     gc.collect()
     student = prune_model(weights, adapter, kept, student_config(teacher_cfg, adapter, target, kept.layers),
@@ -138,7 +141,8 @@ def run_prune_job(cfg: PruneJobConfig, config_yaml: str) -> dict:
                **active_params(teacher_cfg, adapter, shape, target),
                "teacher_val_loss": imp.teacher_loss(p.depth.eval_blocks), "student_val_loss": student_loss,
                "calibration_seconds": imp.calibration_seconds, "scores_reused": imp.reused,
-               "world_size": gang.world_size, "output_model": str(Path(cfg.output_dir).resolve())}
+               "world_size": gang.world_size, "output_model": str(Path(cfg.output_dir).resolve()),
+               "memory": measure.per_rank(gang, memory_mark, device)}
     manifest = pruning_manifest(cfg, imp, data, shape, target, kept, held["teacher_params"], summary["student_params"])
     if gang.rank == 0:
         export(student, tokenizer, Path(cfg.output_dir),

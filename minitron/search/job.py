@@ -20,7 +20,7 @@ from minitron.checks import check_train_config
 from minitron.config import ConfigError, DistillJobConfig, LoggerConfig, SearchJobConfig, TeacherConfig
 from minitron.data.packing import build_or_load
 from minitron.distributed.gang import init_gang, world_size_from_env
-from minitron.distributed.partitions import full_values, teacher_memory
+from minitron.distributed.partitions import full_values, release, teacher_memory
 from minitron.logs import is_log_file
 from minitron.models.adapters import FamilyAdapter, adapter_for, logit_softcap
 from minitron.models.build import DTYPES, resolve_hf_config
@@ -255,6 +255,7 @@ def score_zero_shot(cfg, plan: Plan, data, tokenizer, gang, todo, dirs, config_y
                     "scores": str(imp.path)})
             gang.barrier()
             del student
+    release(teacher)  # before the candidates' distillations load it again
 
 
 def _read_round(cand_dir: Path, steps: int) -> Optional[dict]:

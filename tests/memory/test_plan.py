@@ -118,3 +118,65 @@ def test_a_device_no_configuration_fits_is_one_line_naming_the_key_and_the_small
     # with the student's activations recomputed.
     assert "GiB (zero0, fp32, activation checkpointing); use more processes (plan.processes)" in line
     assert not (tmp_path / "plan.json").exists()
+
+
+PRUNE = [sys.executable, "-m", "minitron.cli.prune"]
+
+
+def prune_common(pair, out):
+    return [f"model.path={pair[0]}", f"output_dir={out}", "logger=none", "data.seq_len=128",
+            "prune.calibration.micro_batch_size=8", "prune.export.num_layers=6", "prune.export.ffn_hidden_size=1792"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes, keys", [
+    (1, ["deepspeed=zero0"]),
+    (1, ["deepspeed=zero0", "prune.precision=bf16"]),
+    (2, ["deepspeed=zero3"]),
+], ids=["replicated", "replicated-bf16-from-fp32", "zero3-2proc"])
+def test_pruning_peaks_are_within_15_percent_of_measured(pair, corpus_dir, tmp_path, processes, keys):
+    """`minitron-plan prune` against minitron-prune's own peaks (summary.json's `memory`): the
+    teacher's weights and calibration pass, a bf16 run's cast from the fp32 checkpoint, and the
+    teacher partitioned over 2 ranks."""
+    run_cli(["prune", *prune_common(pair, tmp_path / "plan"), f"plan.processes={processes}", "plan.device=cpu",
+             *keys], launcher=PLAN)
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert plan["job"] == "prune" and len(plan["configurations"]) == 4
+    stage = int(keys[0].removeprefix("deepspeed=zero"))
+    precision = "bf16" if "prune.precision=bf16" in keys else "fp32"
+    [predicted] = [c for c in plan["configurations"] if c["zero_stage"] == stage and c["precision"] == precision]
+
+    launcher = PRUNE if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                             str(processes), "--master_port", str(free_port()), "-m",
+                                             "minitron.cli.prune"]
+    run_cli([*prune_common(pair, tmp_path / "run"), f"data.path={corpus_dir}", "prune.calibration.num_samples=32",
+             "prune.depth.eval_blocks=16", *keys], launcher=launcher)
+    memory = json.loads((tmp_path / "run" / "summary.json").read_text())["memory"]
+    assert len(memory["peak_bytes"]) == processes
+    for peak, before in zip(memory["peak_bytes"], memory["before_models_bytes"]):
+        assert (peak - before) == pytest.approx(predicted["bytes"]["device"], rel=0.15), \
+            (keys, (peak - before) / 2**20, predicted["bytes"]["device"] / 2**20)
+
+
+def test_pruning_plan_recommends_and_refuses_by_the_device_memory(pair, tmp_path):
+    """The cheapest pruning that fits (the replicated teacher before a partitioned one), and the
+    one-line refusal naming the pruning's own micro-batch key when nothing fits."""
+    roomy = run_cli(["prune", *prune_common(pair, tmp_path / "roomy"), "plan.processes=4", "plan.device_memory_gb=80"],
+                    launcher=PLAN)
+    assert "recommended: deepspeed=zero0 prune.precision=fp32" in roomy.stdout
+    plan = json.loads((tmp_path / "roomy" / "plan.json").read_text())
+    by = {(c["zero_stage"], c["precision"]): c for c in plan["configurations"]}
+    # Four ranks each hold a quarter of the teacher.
+    assert by[(3, "fp32")]["bytes"]["teacher_weights"] == pytest.approx(by[(0, "fp32")]["bytes"]["teacher_weights"] / 4)
+    tight_gb = (by[(3, "fp32")]["device_gb"] + by[(0, "fp32")]["device_gb"]) / 2
+    tight = run_cli(["prune", *prune_common(pair, tmp_path / "tight"), "plan.processes=4",
+                     f"plan.device_memory_gb={tight_gb}"], launcher=PLAN)
+    assert "recommended: deepspeed=zero3 prune.precision=fp32" in tight.stdout
+    proc = run_cli(["prune", *prune_common(pair, tmp_path / "none"), "plan.device_memory_gb=0.01"], launcher=PLAN,
+                   check=False)
+    assert proc.returncode == 2
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: plan.device_memory_gb: no configuration fits 0.01 GiB per device")
+    assert line.endswith("use more processes (plan.processes) or a smaller prune.calibration.micro_batch_size or "
+                         "data.seq_len")
+    assert not (tmp_path / "none" / "plan.json").exists()
