@@ -27,11 +27,11 @@ def run_plan_job(cfg) -> dict:
         raise ConfigError(f"plan.device_memory_gb: must be positive, got {p.device_memory_gb}")
     on_gpu = p.device == "gpu"
     if isinstance(cfg, PrunePlanJobConfig):
-        teacher, student, micro, precision_key, precision, rows = _prune_rows(cfg, processes, on_gpu)
+        teacher, student, micro, rows = _prune_rows(cfg, processes, on_gpu)
+        precision_key, precision, micro_key = "prune.precision", cfg.prune.precision, "prune.calibration.micro_batch_size"
     else:
         teacher, student, micro, rows = _distill_rows(cfg, processes, on_gpu)
-        precision_key, precision = "train.precision", cfg.train.precision
-    micro_key = "prune.calibration.micro_batch_size" if precision_key.startswith("prune") else "train.micro_batch_size"
+        precision_key, precision, micro_key = "train.precision", cfg.train.precision, "train.micro_batch_size"
     choice = recommend(rows, p.device_memory_gb, precision, micro_key)
     summary = {
         "job": "prune" if isinstance(cfg, PrunePlanJobConfig) else "distill",
@@ -92,7 +92,7 @@ def _prune_rows(cfg: PrunePlanJobConfig, processes: int, on_gpu: bool):
     rows = [{"setup": setup, "parts": planner.estimate_prune(teacher, student, setup, processes, micro,
                                                              cfg.data.seq_len, file_bytes, on_gpu)}
             for setup in planner.prune_setups()]
-    return teacher, student, micro, "prune.precision", cfg.prune.precision, rows
+    return teacher, student, micro, rows
 
 
 def checkpoint_bytes_per_value(hf_config) -> int:
