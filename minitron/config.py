@@ -353,6 +353,15 @@ class DistillConfig:
     """Preset name (informational; pick presets with `distill=<name>`)."""
     logits: LogitLossConfig = field(default_factory=LogitLossConfig)
     intermediate: IntermediateLossConfig = field(default_factory=IntermediateLossConfig)
+    teacher_cache: bool = False
+    """Compute the teacher's top-k logits once per training block (kept beside the packed data,
+    keyed by the teacher's content, the data and k) and distil from them without running the
+    teacher: the divergence is then over the teacher's top-k support, as with logits.top_k. A
+    search's candidates share one cache."""
+    teacher_cache_k: int = 64
+    """Logits kept per token."""
+    teacher_cache_dtype: str = "fp16"
+    """How they are stored: fp16, bf16 or fp32."""
 
 
 @dataclass

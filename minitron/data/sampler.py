@@ -31,6 +31,10 @@ class BlockSampler:
         n = len(self.blocks)
         return np.array([self._epoch_order(p // n)[p % n] for p in positions], dtype=np.int64)
 
+    def blocks_read(self, steps: int) -> np.ndarray:
+        """The block numbers every rank reads in steps [0, steps), in reading order."""
+        return self._sample_indices(range(steps * self.global_batch_size))
+
     def micro_batch(self, step: int, accumulation_step: int) -> torch.Tensor:
         """[micro_batch_size, seq_len] int64 token ids for this rank."""
         start = (step * self.global_batch_size

@@ -18,15 +18,17 @@ from minitron.models.adapters import ADAPTERS, logit_softcap
 
 @dataclass
 class TeacherOutputs:
-    """One micro-batch through the frozen teacher."""
-    final_hidden: torch.Tensor
+    """One micro-batch through the frozen teacher (or read from the teacher cache: `top_k` alone)."""
+    final_hidden: Optional[torch.Tensor] = None
     """[B, T, K] final normed hidden states (logits are made from them chunk by chunk)."""
-    head_weight: torch.Tensor
+    head_weight: Optional[torch.Tensor] = None
     """[V', K] the teacher's full (gathered) lm_head weight."""
     softcap: Optional[float] = None
     """The teacher's final logit soft-cap (Gemma), None when its logits are lm_head(h)."""
     hidden: Dict[int, torch.Tensor] = field(default_factory=dict)
     """Resolved hidden-state index -> [B, T, K], for the intermediate losses."""
+    top_k: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    """[B, T-1, k] cached logits (soft-capped) and token ids, largest first, in place of the above."""
 
 
 class Distiller(nn.Module):
@@ -59,12 +61,13 @@ class Distiller(nn.Module):
         # and is left out of the divergence too, so both average over the same tokens.
         hidden = final[:, :-1].flatten(0, 1)
         targets = input_ids[:, 1:].flatten()
-        teacher_hidden = teacher.final_hidden[:, :-1].flatten(0, 1) if teacher is not None else None
+        teacher = teacher or TeacherOutputs()
+        teacher_hidden = teacher.final_hidden[:, :-1].flatten(0, 1) if teacher.final_hidden is not None else None
+        top_k = tuple(t.flatten(0, 1) for t in teacher.top_k) if teacher.top_k is not None else None
         loss, parts = chunked_logit_loss(hidden, self.student.get_output_embeddings().weight, teacher_hidden,
-                                         teacher.head_weight if teacher is not None else None, targets,
-                                         self.vocab_size, self.logit_spec, self.chunk_tokens,
-                                         student_softcap=self.softcap,
-                                         teacher_softcap=teacher.softcap if teacher is not None else None)
+                                         teacher.head_weight, targets, self.vocab_size, self.logit_spec,
+                                         self.chunk_tokens, student_softcap=self.softcap,
+                                         teacher_softcap=teacher.softcap, teacher_topk=top_k)
         extras = {}
         if self.logit_spec.divergence != "none":
             extras["kd"] = parts["kd"]

@@ -29,7 +29,7 @@ from minitron.distill import losses, triton_kl
 class _ChunkedLogitLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, targets, vocab_size,
-                spec, chunk_tokens, student_softcap, teacher_softcap):
+                spec, chunk_tokens, student_softcap, teacher_softcap, teacher_topk):
         num_tokens = student_hidden.shape[0]
         kl_with_grad = (triton_kl.forward_kl_with_grad if triton_kl.use_triton(spec.kernel, student_hidden.device)
                         else forward_kl_with_grad)
@@ -45,7 +45,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             if teacher_logits is not None:
                 teacher_logits = softcapped(teacher_logits, teacher_softcap)
             logits = h @ w_student.T
-            if is_plain_forward_kl(spec):
+            if is_plain_forward_kl(spec) and teacher_topk is None:
                 tanh = None
                 if student_softcap:
                     tanh = torch.tanh(logits.float().div_(student_softcap))
@@ -61,7 +61,9 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 with torch.enable_grad():
                     logits.requires_grad_()
                     kd, ce = losses.token_losses(softcapped(logits, student_softcap), teacher_logits,
-                                                 targets[rows], spec)
+                                                 targets[rows], spec,
+                                                 teacher_topk=tuple(t[rows] for t in teacher_topk)
+                                                 if teacher_topk is not None else None)
                     chunk_loss = losses.combine_token_losses(kd, ce, spec).sum() / num_tokens
                     (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
             grad_hidden[rows] = grad_logits @ w_student
@@ -82,7 +84,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         if grad_loss.item() != 1.0:
             grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
             grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def softcapped(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
@@ -125,15 +127,19 @@ def _log_softmax_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def chunked_logit_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                        teacher_hidden, teacher_weight, targets: torch.Tensor, vocab_size: int, spec,
                        chunk_tokens: int = 1024, student_softcap: Optional[float] = None,
-                       teacher_softcap: Optional[float] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                       teacher_softcap: Optional[float] = None,
+                       teacher_topk: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                       ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Mean over the N tokens of `losses.combine_token_losses` for logits `hidden @ weight[:vocab].T`,
     soft-capped by each model's cap when it has one.
 
     student_hidden [N, H] and student_weight [V, H] get gradients; teacher_hidden [N, K] and
-    teacher_weight [V', K] are constants (both None when the spec has no divergence term).
+    teacher_weight [V', K] are constants (both None when the spec has no divergence term, or
+    when `teacher_topk`, the teacher cache's [N, k] values and token ids, stands in for them).
     `vocab_size` is the shared tokenizer's size: padded vocabulary rows beyond it are ignored.
     Returns the loss and its detached parts {"kd", "ce"} (means over tokens).
     """
     loss, means = _ChunkedLogitLoss.apply(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                          targets, vocab_size, spec, chunk_tokens, student_softcap, teacher_softcap)
+                                          targets, vocab_size, spec, chunk_tokens, student_softcap, teacher_softcap,
+                                          teacher_topk)
     return loss, {"kd": means[1], "ce": means[2]}

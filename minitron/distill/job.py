@@ -5,7 +5,7 @@ distillation loss, and export the student alone.
 import json
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, astuple
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -16,10 +16,10 @@ from minitron.data.sampler import BlockSampler
 from minitron.data.tokenizer import check_tokenizer_files, load_tokenizer
 from minitron.distributed.engine import deepspeed_config, frozen_config, full_parameters, initialize, place_frozen
 from minitron.distributed.gang import world_size_from_env
-from minitron.distributed.partitions import teacher_memory
+from minitron.distributed.partitions import release, teacher_memory
 from minitron.distributed.sharded import build_for_engine, zero3
-from minitron.distill import triton_kl
-from minitron.distill.distiller import Distiller
+from minitron.distill import teacher_cache, triton_kl
+from minitron.distill.distiller import Distiller, TeacherOutputs
 from minitron.distill.hidden import make_projection, resolve_index
 from minitron.distill.losses import DIVERGENCES
 from minitron.distill.teacher import Teacher, freeze
@@ -109,6 +109,22 @@ def check_loss_config(cfg: DistillJobConfig) -> None:
         raise ConfigError(f"distill.logits.kernel: must be auto, torch or triton, got {lg.kernel!r}")
     if lg.kernel == "triton" and not triton_kl.available():
         raise ConfigError("distill.logits.kernel: triton is not installed (pip install triton, on a GPU machine)")
+    d = cfg.distill
+    if d.teacher_cache:
+        if lg.divergence == "none":
+            raise ConfigError("distill.teacher_cache: there is no teacher term to cache (distill.logits.divergence "
+                              "is none)")
+        if it.pairs:
+            raise ConfigError("distill.teacher_cache: it keeps logits only, and distill.intermediate.pairs needs "
+                              "the teacher's hidden states; use one or the other")
+        if d.teacher_cache_k < 1:
+            raise ConfigError(f"distill.teacher_cache_k: must be at least 1, got {d.teacher_cache_k}")
+        if lg.top_k > d.teacher_cache_k:
+            raise ConfigError(f"distill.logits.top_k: {lg.top_k} is more than the cache keeps "
+                              f"(distill.teacher_cache_k={d.teacher_cache_k})")
+        if d.teacher_cache_dtype not in teacher_cache.CACHE_DTYPES:
+            raise ConfigError(f"distill.teacher_cache_dtype: must be one of {', '.join(teacher_cache.CACHE_DTYPES)}, "
+                              f"got {d.teacher_cache_dtype!r}")
     if it.loss not in ("cosine", "mse"):
         raise ConfigError(f"distill.intermediate.loss: must be cosine or mse, got {it.loss!r}")
     if it.weight is not None and it.weight < 0:
@@ -191,11 +207,14 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
     engine = initialize(distiller, optimizer, scheduler, ds_config)
     device = engine.device
 
-    teacher, teacher_info = None, {}
-    if teacher_cfg is not None:
+    teacher, teacher_info, cache = None, {}, None
+    if teacher_cfg is not None and cfg.distill.teacher_cache:
+        cache, teacher_info = cached_teacher(cfg, teacher_cfg, dtype, ds_config, data, vocab, gang, device)
+    elif teacher_cfg is not None:
         teacher, teacher_info = load_teacher(cfg, teacher_cfg, pairs, dtype, ds_config, gang, device)
         teacher_info["teacher_val_loss"] = evaluate(teacher.model, data.val, cfg.train.micro_batch_size, gang,
                                                     device, cfg.train.eval_blocks)
+    if teacher_cfg is not None:
         teacher_info["teacher_val_ppl"] = math.exp(min(teacher_info["teacher_val_loss"], 50.0))
 
     ckpt_root = out / "checkpoints"
@@ -208,7 +227,7 @@ def run_distill_job(cfg: DistillJobConfig, config_yaml: str) -> dict:
     sampler = BlockSampler(data.train, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                            gang.rank, world, cfg.seed)
     result = train_loop(
-        engine, distillation_loss(teacher), sampler, data.val, cfg.train, gang, tracker, start_step,
+        engine, distillation_loss(teacher, cache), sampler, data.val, cfg.train, gang, tracker, start_step,
         save_checkpoint=lambda step: checkpoint.save(engine, ckpt_root, step, gang, cfg.train.keep_checkpoints),
         device=device, eval_model=distiller.student)
     if result.interrupted:
@@ -267,10 +286,48 @@ def load_teacher(cfg, teacher_cfg, pairs, dtype, ds_config, gang, device):
     return Teacher(model, run, sorted({t for _, t in pairs}), full_parameters), info
 
 
-def distillation_loss(teacher: Optional[Teacher]):
-    """The loop's loss_fn: the teacher's outputs for the micro-batch, then the student engine's
-    forward (Distiller.forward), which returns (loss, extras)."""
+def cached_teacher(cfg, teacher_cfg, dtype, ds_config, data, vocab: int, gang, device):
+    """(the teacher cache, teacher_info) with every block this run reads cached: the teacher is
+    loaded only when some are missing (or its validation loss is), fills them, and is released
+    before training, which then runs without it."""
+    from minitron.prune.scores import teacher_hash
+
+    d = cfg.distill
+    content = gang.broadcast_object(teacher_hash(cfg.teacher.path) if gang.rank == 0 else None)
+    cache = teacher_cache.TeacherCache(teacher_cache.cache_root(data.cache_dir, content, d.teacher_cache_k,
+                                                                d.teacher_cache_dtype), d.teacher_cache_k,
+                                       d.teacher_cache_dtype)
+    sampler = BlockSampler(data.train, cfg.train.global_batch_size, cfg.train.micro_batch_size, gang.rank,
+                           gang.world_size, cfg.seed)
+    todo = cache.missing(data.train, sampler.blocks_read(cfg.train.max_steps))
+    val_loss = cache.teacher_val_loss(cfg.train.eval_blocks)
+    info = {"teacher_params": count_params(teacher_cfg), "teacher_cache": str(cache.root),
+            "teacher_cache_filled_blocks": len(todo)}
+    if len(todo) or val_loss is None:
+        teacher, memory = load_teacher(cfg, teacher_cfg, [], dtype, ds_config, gang, device)
+        info.update(memory)
+        if val_loss is None:
+            val_loss = evaluate(teacher.model, data.val, cfg.train.micro_batch_size, gang, device,
+                                cfg.train.eval_blocks)
+        log.info("teacher cache: computing the top-%d logits of %d blocks into %s", d.teacher_cache_k, len(todo),
+                 cache.root)
+        teacher_cache.fill(cache, teacher, data.train, todo, cfg.train.micro_batch_size, vocab,
+                           d.logits.chunk_tokens, gang, device)
+        if gang.rank == 0:
+            cache.save_teacher_val_loss(cfg.train.eval_blocks, val_loss)
+        release(teacher.model)
+    else:
+        log.info("teacher cache: every block this run reads is in %s; the teacher is not loaded", cache.root)
+    info["teacher_val_loss"] = val_loss
+    return cache, info
+
+
+def distillation_loss(teacher: Optional[Teacher], cache: Optional[teacher_cache.TeacherCache] = None):
+    """The loop's loss_fn: the teacher's outputs for the micro-batch (or its cached top-k logits),
+    then the student engine's forward (Distiller.forward), which returns (loss, extras)."""
     def loss_fn(engine, input_ids):
+        if cache is not None:
+            return engine(input_ids, TeacherOutputs(top_k=astuple(cache.lookup(input_ids))))
         if teacher is None:
             return engine(input_ids)
         with teacher.outputs(input_ids) as teacher_outputs:

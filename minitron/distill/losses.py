@@ -45,6 +45,21 @@ def logit_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if top_k:
         idx = t.topk(min(top_k, t.shape[-1]), dim=-1).indices
         s, t = s.gather(-1, idx), t.gather(-1, idx)
+    return _divergence(s, t, divergence, temperature, beta, scale_by_t2)
+
+
+def topk_divergence(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                    divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
+                    scale_by_t2: bool = False) -> torch.Tensor:
+    """`logit_divergence` with top_k = k when only the teacher's k largest logits are known
+    ([N, k] values and their token ids, as the teacher cache keeps them): the same loss."""
+    s = _at_least_fp32(student_logits).gather(-1, teacher_indices) / temperature
+    t = _at_least_fp32(teacher_values) / temperature
+    return _divergence(s, t, divergence, temperature, beta, scale_by_t2)
+
+
+def _divergence(s: torch.Tensor, t: torch.Tensor, divergence: str, temperature: float, beta: float,
+                scale_by_t2: bool) -> torch.Tensor:
     logq, logp = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
     if divergence == "forward_kl":
         loss = kl(logp, logq)
@@ -73,13 +88,20 @@ def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = 
     raise ValueError(f"unknown hidden-state loss {kind!r}; choose cosine or mse")
 
 
-def token_losses(student_logits: torch.Tensor, teacher_logits, targets: torch.Tensor, spec):
+def token_losses(student_logits: torch.Tensor, teacher_logits, targets: torch.Tensor, spec, teacher_topk=None):
     """The per-token terms a spec asks for: (divergence [N] or None, cross-entropy [N] or None).
 
     `spec` carries divergence ("none" for no teacher term), temperature, top_k, beta,
-    scale_by_t2 and ce_weight (the `distill.logits` config section)."""
+    scale_by_t2 and ce_weight (the `distill.logits` config section). `teacher_topk`: ([N, k]
+    values, indices), largest first, in place of `teacher_logits` (the teacher cache); the
+    divergence is then over their first top_k (all k when top_k is 0)."""
     kd = None
-    if spec.divergence != "none":
+    if spec.divergence != "none" and teacher_topk is not None:
+        values, indices = teacher_topk
+        k = spec.top_k or values.shape[-1]
+        kd = topk_divergence(student_logits, values[:, :k], indices[:, :k], spec.divergence, spec.temperature,
+                             spec.beta, spec.scale_by_t2)
+    elif spec.divergence != "none":
         kd = logit_divergence(student_logits, teacher_logits, spec.divergence, spec.temperature, spec.top_k,
                               spec.beta, spec.scale_by_t2)
     ce = cross_entropy(student_logits, targets) if spec.ce_weight else None
