@@ -96,7 +96,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=None, choices=list(SETS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--job", default="distill", choices=["distill", "prune"])
-    parser.add_argument("--steps", type=int, default=None, help="default 2 on the CPU, 8 on a GPU (tokens/s from step 2)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="default 2 on the CPU, 8 on a GPU (tokens/s from step 2)")
     args = parser.parse_args()
     on_gpu = args.device == "gpu"
     sets = args.sets or (["gpu"] if on_gpu else ["calibration", "validation"])

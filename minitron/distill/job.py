@@ -299,8 +299,10 @@ def cached_teacher(cfg, teacher_cfg, dtype, ds_config, data, vocab: int, gang, d
                                        d.teacher_cache_dtype)
     sampler = BlockSampler(data.train, cfg.train.global_batch_size, cfg.train.micro_batch_size, gang.rank,
                            gang.world_size, cfg.seed)
-    todo = cache.missing(data.train, sampler.blocks_read(cfg.train.max_steps))
-    val_loss = cache.teacher_val_loss(cfg.train.eval_blocks)
+    # Rank 0's view for all: another rank could otherwise look after a fast rank's segment landed.
+    todo, val_loss = gang.broadcast_object(
+        (cache.missing(data.train, sampler.blocks_read(cfg.train.max_steps)),
+         cache.teacher_val_loss(cfg.train.eval_blocks)) if gang.rank == 0 else None)
     info = {"teacher_params": count_params(teacher_cfg), "teacher_cache": str(cache.root),
             "teacher_cache_filled_blocks": len(todo)}
     if len(todo) or val_loss is None:

@@ -28,7 +28,8 @@ def run_plan_job(cfg) -> dict:
     on_gpu = p.device == "gpu"
     if isinstance(cfg, PrunePlanJobConfig):
         teacher, student, micro, rows = _prune_rows(cfg, processes, on_gpu)
-        precision_key, precision, micro_key = "prune.precision", cfg.prune.precision, "prune.calibration.micro_batch_size"
+        precision_key, micro_key = "prune.precision", "prune.calibration.micro_batch_size"
+        precision = cfg.prune.precision
     else:
         teacher, student, micro, rows = _distill_rows(cfg, processes, on_gpu)
         precision_key, precision, micro_key = "train.precision", cfg.train.precision, "train.micro_batch_size"
