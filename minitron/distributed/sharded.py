@@ -22,6 +22,25 @@ with captured_output():
 log = logging.getLogger(__name__)
 
 
+def _no_shared_memory_op_alone() -> None:
+    """DeepSpeed builds its shared-memory collective op for the CPU whenever its comm starts
+    (deepspeed/comm/torch.py), a 60 s compile whenever the torch-extensions cache was last written
+    by another environment. One process has no peers to share memory with: skip it there."""
+    from minitron.distributed.gang import world_size_from_env
+
+    if torch.cuda.is_available() or world_size_from_env() != 1:
+        return
+    try:
+        from deepspeed.comm import torch as ds_torch_comm
+    except ImportError:
+        return
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None
+
+
+_no_shared_memory_op_alone()
+
+
 def zero3(ds_config: dict) -> bool:
     return ds_config["zero_optimization"].get("stage", 0) == 3
 
