@@ -6,6 +6,7 @@ Both move a single parameter's full value through each rank at once, so the tran
 largest tensor (usually the embedding), not the model.
 """
 import ctypes
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -30,8 +31,8 @@ def _no_shared_memory_op_alone() -> None:
 
     if torch.cuda.is_available() or world_size_from_env() != 1:
         return
-    try:
-        from deepspeed.comm import torch as ds_torch_comm
+    try:  # by its full name: `from deepspeed.comm import torch` is the torch package it re-exports
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     except ImportError:
         return
     if hasattr(ds_torch_comm, "build_shm_op"):
