@@ -1,5 +1,6 @@
-import torch
 import os
+
+import torch
 
 from minitron.distributed.gang import LocalGang, launcher_env
 
