@@ -80,6 +80,7 @@ def distill_args(teacher, student, corpus_dir, out, *extra):
             f"distill.logits.top_k={K}", *extra]
 
 
+@pytest.mark.slow
 def test_a_cached_distillation_equals_the_topk_one_and_reuses_the_cache(tmp_path, tiny_teacher, pruned_student,
                                                                         corpus_dir):
     cache_env = {"MINITRON_CACHE": str(tmp_path / "cache")}

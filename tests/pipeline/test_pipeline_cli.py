@@ -174,6 +174,7 @@ def test_teacher_correction_prunes_and_distils_from_the_corrected_teacher(piped,
     assert rows[("teacher", "teacher")]["val_loss"] != first[("teacher", "teacher")]["val_loss"]
 
 
+@pytest.mark.slow
 def test_teacher_offload_and_shard_size_reach_the_distillation(piped, corpus_dir, tmp_path):
     """teacher.offload and export.max_shard_size are the pipeline's keys as they are
     minitron-distill's: under ZeRO-3 the distillation's teacher lives in CPU memory and the
