@@ -5,7 +5,7 @@ distillation loss, and export the student alone.
 import json
 import logging
 import math
-from dataclasses import asdict, astuple
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -329,7 +329,7 @@ def distillation_loss(teacher: Optional[Teacher], cache: Optional[teacher_cache.
     then the student engine's forward (Distiller.forward), which returns (loss, extras)."""
     def loss_fn(engine, input_ids):
         if cache is not None:
-            return engine(input_ids, TeacherOutputs(top_k=astuple(cache.lookup(input_ids))))
+            return engine(input_ids, TeacherOutputs(top_k=cache.lookup(input_ids)))
         if teacher is None:
             return engine(input_ids)
         with teacher.outputs(input_ids) as teacher_outputs:

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -24,15 +23,6 @@ import torch
 from minitron.run import write_json_atomic
 
 CACHE_DTYPES = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}  # bf16 kept as its bit pattern
-
-
-@dataclass
-class TopK:
-    """A micro-batch's cached teacher logits at positions 0..T-2 (the ones with a next token)."""
-    values: torch.Tensor
-    """[B, T-1, k] float32, largest first."""
-    indices: torch.Tensor
-    """[B, T-1, k] int64 token ids."""
 
 
 def cache_root(data_cache_dir: Path, teacher_hash: str, k: int, dtype: str) -> Path:
@@ -83,7 +73,9 @@ class TeacherCache:
                 out.append(i)
         return np.array(out, dtype=np.int64)
 
-    def lookup(self, input_ids: torch.Tensor) -> TopK:
+    def lookup(self, input_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch's cached teacher logits at positions 0..T-2 (those with a next token):
+        [B, T-1, k] float32 values, largest first, and their int64 token ids."""
         rows = input_ids.cpu().numpy()
         values, indices = [], []
         for row in rows:
@@ -94,8 +86,8 @@ class TeacherCache:
             seg_values, seg_indices = self.segments[found[0]]
             values.append(seg_values[found[1]])
             indices.append(seg_indices[found[1]])
-        return TopK(values=_from_storage(np.stack(values), self.dtype).to(input_ids.device),
-                    indices=torch.from_numpy(np.stack(indices).astype(np.int64)).to(input_ids.device))
+        return (_from_storage(np.stack(values), self.dtype).to(input_ids.device),
+                torch.from_numpy(np.stack(indices).astype(np.int64)).to(input_ids.device))
 
     def write_segment(self, keys: np.ndarray, values: np.ndarray, indices: np.ndarray) -> None:
         """One segment, each file written beside its place and renamed; the keys file last, so a

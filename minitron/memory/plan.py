@@ -186,7 +186,7 @@ def estimate_prune(teacher: ModelFacts, student: ModelFacts, setup: Setup, world
         loading, cast = 0.0, 0.0
     else:
         loading, cast = HF_LOAD_HOST_BYTES, float(teacher.params * file_bytes if file_bytes != b else 0)
-    working = max(boundaries + forward_bytes(teacher, tokens, b), forward_bytes(teacher, tokens, b) + loss_chunk)
+    working = forward_bytes(teacher, tokens, b) + max(boundaries, loss_chunk)  # calibration, then the loss passes
     if on_gpu:
         out["calibration"] = working
         host = loading + cast

@@ -65,9 +65,9 @@ def test_a_segment_round_trips_through_the_files(tmp_path, dtype, rtol):
     cache.write_segment(keys, _to_storage(values, dtype), indices.numpy())
     cache.reload()
     assert list(cache.missing(blocks, [0, 1, 2, 3, 1])) == [1, 3]
-    got = cache.lookup(torch.from_numpy(blocks[[0, 2, 0]].astype(np.int64)))
-    torch.testing.assert_close(got.values, values[[1, 0, 1]], rtol=rtol, atol=0)
-    assert torch.equal(got.indices, indices[[1, 0, 1]].long())
+    got_values, got_indices = cache.lookup(torch.from_numpy(blocks[[0, 2, 0]].astype(np.int64)))
+    torch.testing.assert_close(got_values, values[[1, 0, 1]], rtol=rtol, atol=0)
+    assert torch.equal(got_indices, indices[[1, 0, 1]].long())
     with pytest.raises(KeyError, match="missing from the teacher cache"):
         cache.lookup(torch.from_numpy(blocks[[1]].astype(np.int64)))
 
