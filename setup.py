@@ -38,6 +38,8 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.2", "scipy>=1.10", "hydra-submitit-launcher>=1.2",
                 "lm-eval[hf]>=0.4"],
         "gpu": ["flash-attn>=2.6"],
+        # benchmarks/vs_trl.py: TRL's GKD trainer, the peer it is measured against.
+        "bench": ["trl>=1.0"],
         "eval": ["lm-eval[hf]>=0.4"],
         # hydra/launcher=slurm: search candidates (or any sweep) as SLURM jobs.
         "slurm": ["hydra-submitit-launcher>=1.2"],
