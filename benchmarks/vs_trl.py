@@ -146,20 +146,32 @@ def matmul_flops_per_s(n: int = 2048, reps: int = 8) -> float:
 
 class Gate:
     """A worker's side of the token: `begin()` before each step reports the previous step's
-    seconds and loss and waits for the token; `finish()` reports the process's peak memory."""
+    seconds and loss and waits for the token; `finish()` reports the process's peak memory.
+    With `profile_to`, the step numbered `profile_step` (a warm-up step, never timed) runs under
+    torch.profiler and its table of top operators is written there."""
 
-    def __init__(self, address, name: str):
+    def __init__(self, address, name: str, profile_step=None, profile_to=None):
         self.conn = Client(address, authkey=AUTHKEY)
         self.conn.send(("hello", name))
-        self.loss, self.go = None, None
+        self.loss, self.go, self.step = None, None, 0
+        self.profile_step, self.profile_to, self.profiler = profile_step, profile_to, None
 
     def begin(self) -> None:
         now = time.perf_counter()
+        if self.profiler is not None:
+            self.profiler.stop()
+            Path(self.profile_to).write_text(self.profiler.key_averages().table(sort_by="self_cpu_time_total",
+                                                                                row_limit=25))
+            self.profiler = None
         if self.go is None:
             self.conn.send(("ready", rss_bytes("VmRSS")))
         else:
             self.conn.send(("step", now - self.go, self.loss))
         assert self.conn.recv() == "go"
+        if self.profile_to and self.step == self.profile_step:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.start()
+        self.step += 1
         self.go = time.perf_counter()
 
     def finish(self) -> None:
@@ -326,9 +338,9 @@ def run_plain(gate: Gate, work: Path, steps: int, chunked: bool) -> None:
         gate.loss = loss.item()
 
 
-def worker(system: str, address: str, work: Path, steps: int) -> None:
+def worker(system: str, address: str, work: Path, steps: int, profile_step) -> None:
     host, port = address.rsplit(":", 1)
-    gate = Gate((host, int(port)), system)
+    gate = Gate((host, int(port)), system, profile_step, work / f"{system}.profile.txt")
     if system == "minitron":
         run_minitron(gate, work, steps)
     elif system == "trl":
@@ -340,7 +352,7 @@ def worker(system: str, address: str, work: Path, steps: int) -> None:
 
 # ---------------------------------------------------------------- the report
 
-def compare(work: Path, systems, steps: int, skip: int, flops_per_step: float) -> dict:
+def compare(work: Path, systems, steps: int, skip: int, flops_per_step: float, profile: bool) -> dict:
     listener = Listener(("127.0.0.1", 0), authkey=AUTHKEY)
     address = "%s:%d" % listener.address
     procs = {}
@@ -348,7 +360,7 @@ def compare(work: Path, systems, steps: int, skip: int, flops_per_step: float) -
         log = open(work / f"{name}.log", "w")
         procs[name] = subprocess.Popen(
             [sys.executable, __file__, "--worker", name, "--address", address, "--work", str(work),
-             "--steps", str(steps + 1)], stdout=log, stderr=subprocess.STDOUT,
+             "--steps", str(steps + 1), *(["--profile-step", str(skip - 1)] if profile else [])], stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
     result = coordinate(listener, procs, steps + 1, skip)
     result["flops_per_step"] = flops_per_step
@@ -369,6 +381,7 @@ def summarise(result: dict, vocab: int) -> dict:
             "tokens_per_s": tokens / statistics.median(r["seconds"]),
             "ours_speedup": ratio,
             "peak_gb": r["peak_rss"] / 1e9,
+            "loaded_gb": r["start_rss"] / 1e9,
             "ours_memory_ratio": ours["peak_rss"] / r["peak_rss"],
             "final_loss": float(losses[-1]),
             "max_rel_loss_diff": float(np.max(np.abs(losses - ref) / np.abs(ref))),
@@ -377,12 +390,12 @@ def summarise(result: dict, vocab: int) -> dict:
     print(f"\n### vocabulary {vocab}: {len(ours['seconds'])} timed steps of {tokens} tokens; "
           f"model arithmetic {result['flops_per_step'] / 1e12:.3f} TFLOP per step; "
           f"fp32 matmul {result['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s\n")
-    print("| system | median step s | tokens/s | minitron speedup (median per-step ratio) | peak RSS GB "
-          "| minitron memory ratio | model GFLOP/s | final loss | max rel loss diff vs minitron |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| system | median step s | tokens/s | minitron speedup (median per-step ratio) | RSS at step 1 GB "
+          "| peak RSS GB | minitron memory ratio | model GFLOP/s | final loss | max rel loss diff vs minitron |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
         print(f"| {name} | {row['step_s']:.2f} | {row['tokens_per_s']:.0f} | {row['ours_speedup']:.2f}x "
-              f"| {row['peak_gb']:.2f} | {row['ours_memory_ratio']:.2f}x "
+              f"| {row['loaded_gb']:.2f} | {row['peak_gb']:.2f} | {row['ours_memory_ratio']:.2f}x "
               f"| {result['flops_per_step'] / row['step_s'] / 1e9:.0f} | {row['final_loss']:.6f} "
               f"| {row['max_rel_loss_diff']:.1e} |")
     print(f"\nminitron cpu_mfu (model FLOP/s over fp32 matmul FLOP/s): {mfu:.3f}")
@@ -395,14 +408,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps plus the skipped ones")
     parser.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the timing")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile each system's last warm-up step into <work>/v<vocab>/<system>.profile.txt")
     parser.add_argument("--work", help="where the models, data and runs go (default: a temporary directory)")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-step", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.address, Path(args.work), args.steps)
+        return worker(args.worker, args.address, Path(args.work), args.steps, args.profile_step)
     if "minitron" not in args.systems or "trl" not in args.systems:
         parser.error("--systems: minitron and trl are both needed (the ratios are between them)")
+    if args.profile and args.skip < 2:
+        parser.error("--profile: needs --skip 2 or more (the last warm-up step is profiled, the first pays one-off costs)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {os.cpu_count()} CPUs; "
           f"python {sys.version.split()[0]}; {versions()}")
     root = Path(args.work or tempfile.mkdtemp(prefix="vs_trl-"))
@@ -410,7 +428,7 @@ def main() -> None:
     for vocab in args.vocabs:
         work = root / f"v{vocab}"
         prepare(work, vocab, args.steps + 1)
-        result = compare(work, args.systems, args.steps, args.skip, model_flops_per_step(work))
+        result = compare(work, args.systems, args.steps, args.skip, model_flops_per_step(work), args.profile)
         summary[vocab] = summarise(result, vocab)
     largest = summary[max(summary)]
     print(json.dumps({"vocab": max(summary),

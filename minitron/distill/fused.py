@@ -38,19 +38,27 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(student_hidden)
         grad_weight = torch.zeros_like(student_weight)  # rows past vocab_size (padding) get none
         sums = torch.zeros(3, dtype=torch.float64, device=student_hidden.device)  # loss, kd, ce
+        plain = is_plain_forward_kl(spec) and teacher_topk is None
+        # On a CPU, fresh [chunk x vocab] tensors for every chunk cost their page faults again each
+        # time (a fifth of the loss's time at a 128k vocabulary): the chunks reuse three buffers.
+        buffers = (torch.empty(3, min(chunk_tokens, num_tokens), vocab_size)
+                   if plain and kl_with_grad is forward_kl_with_grad and student_hidden.device.type == "cpu"
+                   and student_hidden.dtype == torch.float32 and teacher_hidden.dtype == torch.float32 else None)
         for start in range(0, num_tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h = student_hidden[rows]
-            teacher_logits = teacher_hidden[rows] @ w_teacher.T if w_teacher is not None else None
+            teacher_logits = (_logits(teacher_hidden[rows], w_teacher, buffers[0] if buffers is not None else None)
+                              if w_teacher is not None else None)
             if teacher_logits is not None:
                 teacher_logits = softcapped(teacher_logits, teacher_softcap)
-            logits = h @ w_student.T
-            if is_plain_forward_kl(spec) and teacher_topk is None:
+            logits = _logits(h, w_student, buffers[1] if buffers is not None else None)
+            if plain:
                 tanh = None
                 if student_softcap:
                     tanh = torch.tanh(logits.float().div_(student_softcap))
                     logits = tanh * student_softcap
-                kd, grad_logits = kl_with_grad(logits, teacher_logits, spec.temperature, spec.scale_by_t2)
+                kd, grad_logits = kl_with_grad(logits, teacher_logits, spec.temperature, spec.scale_by_t2,
+                                               **({"p_out": buffers[2, :len(h)]} if buffers is not None else {}))
                 del logits  # only the gradient (made in place of the student's probabilities) lives on
                 if tanh is not None:  # d(c tanh(z / c))/dz = 1 - tanh^2
                     grad_logits.mul_(tanh.square_().neg_().add_(1))
@@ -66,7 +74,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                                                  if teacher_topk is not None else None)
                     chunk_loss = losses.combine_token_losses(kd, ce, spec).sum() / num_tokens
                     (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-            grad_hidden[rows] = grad_logits @ w_student
+            torch.mm(grad_logits, w_student, out=grad_hidden[rows])
             grad_weight[:vocab_size].addmm_(grad_logits.T, h)
             sums += torch.stack([chunk_loss.detach().double() * num_tokens,
                                  kd.detach().sum().double() if kd is not None else sums.new_zeros(()),
@@ -98,17 +106,17 @@ def is_plain_forward_kl(spec) -> bool:
 
 
 def forward_kl_with_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                         scale_by_t2: bool):
+                         scale_by_t2: bool, p_out: Optional[torch.Tensor] = None):
     """The default loss without autograd: [N] KL(p || q) and its gradient with respect to the
     student's logits, (q - p) / T (times T^2 if scaled), with p, q the softened teacher and student
     distributions. Equal to `losses.logit_divergence` (tested). Float32 inputs are overwritten:
-    everything happens in the two logits buffers plus one more for p, where autograd through the
-    pure function would keep about six [N x V] tensors.
+    everything happens in the two logits buffers plus one more for p (`p_out` when given), where
+    autograd through the pure function would keep about six [N x V] tensors.
     Returns (kd [N], gradient [N, V] float32, in the student's buffer when it was float32)."""
     logq = _log_softmax_(losses._at_least_fp32(student_logits), temperature)
     logp = _log_softmax_(losses._at_least_fp32(teacher_logits), temperature)
-    p = logp.exp()
-    kd = torch.linalg.vecdot(p, logp.sub_(logq))
+    p = torch.exp(logp, out=p_out) if p_out is not None else logp.exp()
+    kd = _row_dot(p, logp.sub_(logq))
     del logp
     factor = temperature if scale_by_t2 else 1.0 / temperature  # d/dz of T^2 * KL = T * (q - p)
     grad = logq.exp_().sub_(p)
@@ -118,10 +126,24 @@ def forward_kl_with_grad(student_logits: torch.Tensor, teacher_logits: torch.Ten
 
 
 def _log_softmax_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T) in place."""
+    """log_softmax(logits / T), in place on a CPU. ATen's CPU kernel finishes reading a row before
+    it writes it, so its out= may alias the input: one vectorised pass where logsumexp and a
+    subtraction take five and a temporary."""
     if temperature != 1.0:
         logits.div_(temperature)
+    if logits.device.type == "cpu":
+        return torch._log_softmax(logits, -1, False, out=logits)
     return logits.sub_(logits.logsumexp(-1, keepdim=True))
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[N] dot products of matching rows, by batched BLAS dots (no [N x V] product tensor)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, buffer: Optional[torch.Tensor]) -> torch.Tensor:
+    """hidden @ weight.T, into `buffer`'s first rows when one is given."""
+    return torch.mm(hidden, weight.T, out=buffer[:len(hidden)]) if buffer is not None else hidden @ weight.T
 
 
 def chunked_logit_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,

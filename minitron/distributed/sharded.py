@@ -105,8 +105,12 @@ def load_partitioned(cfg, hf_config, dtype: torch.dtype, ds_config: dict, key: s
         deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
     # No random init (every weight is about to be read), and zero.Init kept from casting the
     # torch.arange behind RoPE's frequencies to a bf16 run's dtype (transformers' own recipe).
+    # zero.Init's dtype comes from the config's precision section: its dtype= argument loses to
+    # an operator-precedence slip in DeepSpeed 0.19 on a CPU without fp16 support (bf16 instead).
+    init_config = {**ds_config, "bf16": {"enabled": dtype == torch.bfloat16},
+                   "fp16": {"enabled": dtype == torch.float16}}
     with captured_output(), no_init_weights(), prevent_arange_dtype_change(), \
-            deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+            deepspeed.zero.Init(config_dict_or_path=init_config):
         model = model_class._from_config(hf_config, dtype=dtype, attn_implementation=attn)
     missing = load_into_partitions(model, build.checkpoint_tensors(path))
     if missing:

@@ -47,12 +47,13 @@ def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: Tr
     tokens_per_step = cfg.global_batch_size * seq_len
     bar = progress.bar(cfg.max_steps, "train", show=gang.rank == 0, initial=start_step)
     train_loss, val_loss, means = float("nan"), float("nan"), {}
-    timed_tokens, timed_seconds = 0, 0.0
+    step_seconds = []
     done, interrupted = start_step, None
     try:
         with stop_on_signals() as stop_request:
             for step in range(start_step, cfg.max_steps):
                 t0 = time.perf_counter()
+                lr = engine.get_lr()[0]  # the rate this step uses (the scheduler steps inside)
                 sums = _accumulate(engine, loss_fn, sampler, step, device)
                 # One small all-reduce per step: means over the whole global batch of the loss and of
                 # every extra the loss function reported, and how many ranks were asked to stop, so
@@ -65,9 +66,9 @@ def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: Tr
                 stopping = reduced[-1].item() > 0 and done < cfg.max_steps
                 dt = time.perf_counter() - t0
                 if step > start_step:  # the first step pays one-off warm-up costs
-                    timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + dt
+                    step_seconds.append(dt)
                 metrics = {"train/loss": train_loss, **{f"train/{k}": v for k, v in means.items()},
-                           "train/lr": engine.get_lr()[0],
+                           "train/lr": lr,
                            "train/grad_norm": grad_norm if grad_norm is not None else float("nan"),
                            "train/tokens_per_s": tokens_per_step / dt, "train/tokens_seen": done * tokens_per_step}
                 if not stopping and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
@@ -93,7 +94,9 @@ def train_loop(engine, loss_fn: LossFn, sampler, val_blocks: np.ndarray, cfg: Tr
         val_loss = evaluate(eval_model, val_blocks, cfg.micro_batch_size, gang, device, cfg.eval_blocks)
     return LoopResult(steps=done, tokens_seen=done * tokens_per_step,
                       train_loss=train_loss, val_loss=val_loss,
-                      tokens_per_s=timed_tokens / timed_seconds if timed_seconds else float("nan"),
+                      # The median step: a few slow early steps (allocator and cache warm-up, a busy
+                      # neighbour) would drag a mean below what the run sustains.
+                      tokens_per_s=tokens_per_step / float(np.median(step_seconds)) if step_seconds else float("nan"),
                       last_metrics=means, interrupted=interrupted)
 
 

@@ -8,6 +8,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from minitron.train.schedule import lr_multiplier
 from conftest import corpus_texts, read_metrics, run_cli, tiny_args
 
 
@@ -29,6 +30,15 @@ def test_tiny_run_writes_a_loadable_checkpoint_and_summary(tmp_path, corpus_dir)
     assert all(k in metrics[1] for k in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"))
 
     resolved = yaml.safe_load((out / "config.yaml").read_text())
+    train = resolved["train"]
+    # Each row's rate is the one its step used (logged before the scheduler steps past it).
+    assert [metrics[s]["train/lr"] for s in range(1, 13)] == pytest.approx(
+        [train["lr"] * lr_multiplier(s - 1, train["warmup_steps"], 12, train["min_lr_ratio"]) for s in range(1, 13)],
+        rel=1e-12)
+    # The summary's throughput is the median step's (the first, warm-up step left out): an odd
+    # count, so exactly one logged step's rate.
+    assert summary["tokens_per_s"] == pytest.approx(sorted(metrics[s]["train/tokens_per_s"] for s in range(2, 13))[5],
+                                                    rel=1e-9)
     assert resolved["model"]["name"] == "tiny" and resolved["output_dir"] == str(out)
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
 
