@@ -27,7 +27,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         {"params": [p for p, m in zip(params, matrix) if m], "weight_decay": cfg.weight_decay},
         {"params": [p for p, m in zip(params, matrix) if not m], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # PyTorch's fused kernel: one pass over each parameter and no temporaries. Elsewhere a CPU
+    # steps parameter by parameter through temporaries of each one's size: 10x slower on a 128k
+    # vocabulary's embedding, and those temporaries sit on top of the step's peak.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, schedule_length(cfg), cfg.min_lr_ratio))
     return optimizer, scheduler
