@@ -25,6 +25,8 @@ import torch
 
 from minitron.distill import losses, triton_kl
 
+CPU_BLOCK_BYTES = 4 << 20  # a block of p's rows on a CPU: three such slices fit a server's L3 cache
+
 
 class _ChunkedLogitLoss(torch.autograd.Function):
     @staticmethod
@@ -39,11 +41,8 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         grad_weight = torch.zeros_like(student_weight)  # rows past vocab_size (padding) get none
         sums = torch.zeros(3, dtype=torch.float64, device=student_hidden.device)  # loss, kd, ce
         plain = is_plain_forward_kl(spec) and teacher_topk is None
-        # On a CPU, fresh [chunk x vocab] tensors for every chunk cost their page faults again each
-        # time (a fifth of the loss's time at a 128k vocabulary): the chunks reuse three buffers.
-        buffers = (torch.empty(3, min(chunk_tokens, num_tokens), vocab_size)
-                   if plain and kl_with_grad is forward_kl_with_grad and student_hidden.device.type == "cpu"
-                   and student_hidden.dtype == torch.float32 and teacher_hidden.dtype == torch.float32 else None)
+        buffers = (_cpu_chunk_buffers(student_hidden, teacher_hidden, min(chunk_tokens, num_tokens), vocab_size)
+                   if plain and kl_with_grad is forward_kl_with_grad else None)
         for start in range(0, num_tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h = student_hidden[rows]
@@ -57,8 +56,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 if student_softcap:
                     tanh = torch.tanh(logits.float().div_(student_softcap))
                     logits = tanh * student_softcap
-                kd, grad_logits = kl_with_grad(logits, teacher_logits, spec.temperature, spec.scale_by_t2,
-                                               **({"p_out": buffers[2, :len(h)]} if buffers is not None else {}))
+                kd, grad_logits = kl_with_grad(logits, teacher_logits, spec.temperature, spec.scale_by_t2)
                 del logits  # only the gradient (made in place of the student's probabilities) lives on
                 if tanh is not None:  # d(c tanh(z / c))/dz = 1 - tanh^2
                     grad_logits.mul_(tanh.square_().neg_().add_(1))
@@ -106,23 +104,31 @@ def is_plain_forward_kl(spec) -> bool:
 
 
 def forward_kl_with_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                         scale_by_t2: bool, p_out: Optional[torch.Tensor] = None):
+                         scale_by_t2: bool):
     """The default loss without autograd: [N] KL(p || q) and its gradient with respect to the
     student's logits, (q - p) / T (times T^2 if scaled), with p, q the softened teacher and student
     distributions. Equal to `losses.logit_divergence` (tested). Float32 inputs are overwritten:
-    everything happens in the two logits buffers plus one more for p (`p_out` when given), where
-    autograd through the pure function would keep about six [N x V] tensors.
+    everything happens in the two logits buffers plus a block of rows for p, where autograd
+    through the pure function would keep about six [N x V] tensors.
     Returns (kd [N], gradient [N, V] float32, in the student's buffer when it was float32)."""
-    logq = _log_softmax_(losses._at_least_fp32(student_logits), temperature)
-    logp = _log_softmax_(losses._at_least_fp32(teacher_logits), temperature)
-    p = torch.exp(logp, out=p_out) if p_out is not None else logp.exp()
-    kd = _row_dot(p, logp.sub_(logq))
-    del logp
+    logq = losses._at_least_fp32(student_logits)
+    logp = losses._at_least_fp32(teacher_logits)
+    num_rows, vocab = logq.shape
+    # On a CPU, a few rows at a time: their three [rows x V] slices stay in the cache through
+    # all six passes instead of streaming the whole chunk from memory for each.
+    rows = max(1, CPU_BLOCK_BYTES // (4 * vocab)) if logq.device.type == "cpu" else num_rows
+    p = torch.empty(min(rows, num_rows), vocab, device=logq.device)
+    kd = torch.empty(num_rows, device=logq.device)
     factor = temperature if scale_by_t2 else 1.0 / temperature  # d/dz of T^2 * KL = T * (q - p)
-    grad = logq.exp_().sub_(p)
-    if factor != 1.0:
-        grad.mul_(factor)
-    return (kd * temperature ** 2 if scale_by_t2 else kd), grad
+    for start in range(0, num_rows, rows):
+        block = slice(start, start + rows)
+        lq, lp = _log_softmax_(logq[block], temperature), _log_softmax_(logp[block], temperature)
+        pb = torch.exp(lp, out=p[:len(lq)])
+        kd[block] = torch.linalg.vecdot(pb, lp.sub_(lq))
+        grad = lq.exp_().sub_(pb)  # in place of log q: the gradient
+        if factor != 1.0:
+            grad.mul_(factor)
+    return (kd * temperature ** 2 if scale_by_t2 else kd), logq
 
 
 def _log_softmax_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -136,9 +142,15 @@ def _log_softmax_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits.sub_(logits.logsumexp(-1, keepdim=True))
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[N] dot products of matching rows, by batched BLAS dots (no [N x V] product tensor)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _cpu_chunk_buffers(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, rows: int,
+                       vocab_size: int) -> Optional[torch.Tensor]:
+    """[2, rows, vocab] float32 buffers for the chunks' two logits, when both models' hidden states
+    are float32 on a CPU; None elsewhere. On a CPU fresh [chunk x vocab] tensors for every chunk
+    pay their page faults again each time (a fifth of the loss's time at a 128k vocabulary); a
+    GPU's caching allocator already reuses them."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (student_hidden, teacher_hidden)):
+        return None
+    return torch.empty(2, rows, vocab_size)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, buffer: Optional[torch.Tensor]) -> torch.Tensor:
