@@ -164,7 +164,7 @@ class Gate:
                                                                                 row_limit=25))
             self.profiler = None
         if self.go is None:
-            self.conn.send(("ready", rss_bytes("VmRSS")))
+            self.conn.send(("ready", rss_bytes("VmRSS"), rss_bytes("VmHWM")))
         else:
             self.conn.send(("step", now - self.go, self.loss))
         assert self.conn.recv() == "go"
@@ -194,7 +194,7 @@ def coordinate(listener, procs: dict, steps: int, skip: int) -> dict:
         conns[name] = conn
     results = {name: {"seconds": [], "losses": []} for name in procs}
     for name, conn in conns.items():
-        kind, results[name]["start_rss"] = conn.recv()
+        kind, results[name]["start_rss"], results[name]["start_peak"] = conn.recv()
         assert kind == "ready", (name, kind)
     mm_rates = []
     for step in range(steps):
@@ -360,7 +360,8 @@ def compare(work: Path, systems, steps: int, skip: int, flops_per_step: float, p
         log = open(work / f"{name}.log", "w")
         procs[name] = subprocess.Popen(
             [sys.executable, __file__, "--worker", name, "--address", address, "--work", str(work),
-             "--steps", str(steps + 1), *(["--profile-step", str(skip - 1)] if profile else [])], stdout=log, stderr=subprocess.STDOUT,
+             "--steps", str(steps + 1), *(["--profile-step", str(skip - 1)] if profile else [])],
+            stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
     result = coordinate(listener, procs, steps + 1, skip)
     result["flops_per_step"] = flops_per_step
@@ -382,6 +383,7 @@ def summarise(result: dict, vocab: int) -> dict:
             "ours_speedup": ratio,
             "peak_gb": r["peak_rss"] / 1e9,
             "loaded_gb": r["start_rss"] / 1e9,
+            "loading_peak_gb": r["start_peak"] / 1e9,
             "ours_memory_ratio": ours["peak_rss"] / r["peak_rss"],
             "final_loss": float(losses[-1]),
             "max_rel_loss_diff": float(np.max(np.abs(losses - ref) / np.abs(ref))),
@@ -391,11 +393,13 @@ def summarise(result: dict, vocab: int) -> dict:
           f"model arithmetic {result['flops_per_step'] / 1e12:.3f} TFLOP per step; "
           f"fp32 matmul {result['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s\n")
     print("| system | median step s | tokens/s | minitron speedup (median per-step ratio) | RSS at step 1 GB "
-          "| peak RSS GB | minitron memory ratio | model GFLOP/s | final loss | max rel loss diff vs minitron |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| peak RSS before step 1 GB | peak RSS GB | minitron memory ratio | model GFLOP/s | final loss "
+          "| max rel loss diff vs minitron |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
         print(f"| {name} | {row['step_s']:.2f} | {row['tokens_per_s']:.0f} | {row['ours_speedup']:.2f}x "
-              f"| {row['loaded_gb']:.2f} | {row['peak_gb']:.2f} | {row['ours_memory_ratio']:.2f}x "
+              f"| {row['loaded_gb']:.2f} | {row['loading_peak_gb']:.2f} | {row['peak_gb']:.2f} "
+              f"| {row['ours_memory_ratio']:.2f}x "
               f"| {result['flops_per_step'] / row['step_s'] / 1e9:.0f} | {row['final_loss']:.6f} "
               f"| {row['max_rel_loss_diff']:.1e} |")
     print(f"\nminitron cpu_mfu (model FLOP/s over fp32 matmul FLOP/s): {mfu:.3f}")
@@ -420,7 +424,8 @@ def main() -> None:
     if "minitron" not in args.systems or "trl" not in args.systems:
         parser.error("--systems: minitron and trl are both needed (the ratios are between them)")
     if args.profile and args.skip < 2:
-        parser.error("--profile: needs --skip 2 or more (the last warm-up step is profiled, the first pays one-off costs)")
+        parser.error("--profile: needs --skip 2 or more (the last warm-up step is profiled; the first pays "
+                     "one-off costs)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {os.cpu_count()} CPUs; "
           f"python {sys.version.split()[0]}; {versions()}")
     root = Path(args.work or tempfile.mkdtemp(prefix="vs_trl-"))

@@ -37,6 +37,10 @@ def initialize(model: torch.nn.Module, optimizer, lr_scheduler, config: Dict[str
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                lr_scheduler=lr_scheduler, config=config)
     _record_fp32_clip_norm(engine)
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # Nothing to average over one process, yet DeepSpeed would copy every gradient into flat
+        # buckets and back each step: time, and a copy of the gradients on top of the step's peak.
+        engine.enable_backward_allreduce = False
     return engine
 
 
