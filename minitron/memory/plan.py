@@ -42,9 +42,10 @@ STAGES = (0, 1, 2, 3)
 # Student bytes per parameter: (kept whole on every rank, partitioned over the ranks), by
 # (ZeRO stage, precision). ZeRO's 16 (mixed precision: 2 weights + 2 gradients + 12 fp32 master
 # and moments; fp32: 4 + 4 + 8) plus DeepSpeed's fp32 partition, gradient bucket and foreach
-# AdamW's temporaries (module docstring).
+# AdamW's temporaries (module docstring). fp32 at stage 0 is ZeRO's 16 alone: a one-process run
+# skips DeepSpeed's gradient buckets and the fused AdamW makes no temporaries.
 STUDENT_STATE_BYTES = {
-    (0, "fp32"): (22, 0), (1, "fp32"): (11, 28), (2, "fp32"): (8, 28), (3, "fp32"): (14, 28),
+    (0, "fp32"): (16, 0), (1, "fp32"): (11, 28), (2, "fp32"): (8, 28), (3, "fp32"): (14, 28),
     (0, "bf16"): (33, 0), (1, "bf16"): (6, 26), (2, "bf16"): (4, 26), (3, "bf16"): (9, 26),
 }
 LOGIT_CHUNK_BUFFERS = 6  # fp32 chunk x vocabulary tensors alive at once in the fused loss
