@@ -117,8 +117,8 @@ def forward_kl_with_grad(student_logits: torch.Tensor, teacher_logits: torch.Ten
     # On a CPU, a few rows at a time: their three [rows x V] slices stay in the cache through
     # all six passes instead of streaming the whole chunk from memory for each.
     rows = max(1, CPU_BLOCK_BYTES // (4 * vocab)) if logq.device.type == "cpu" else num_rows
-    p = torch.empty(min(rows, num_rows), vocab, device=logq.device)
-    kd = torch.empty(num_rows, device=logq.device)
+    p = torch.empty(min(rows, num_rows), vocab, dtype=logq.dtype, device=logq.device)
+    kd = torch.empty(num_rows, dtype=logq.dtype, device=logq.device)
     factor = temperature if scale_by_t2 else 1.0 / temperature  # d/dz of T^2 * KL = T * (q - p)
     for start in range(0, num_rows, rows):
         block = slice(start, start + rows)
