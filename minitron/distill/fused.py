@@ -43,14 +43,14 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         plain = is_plain_forward_kl(spec) and teacher_topk is None
         buffers = (_cpu_chunk_buffers(student_hidden, teacher_hidden, min(chunk_tokens, num_tokens), vocab_size)
                    if plain and kl_with_grad is forward_kl_with_grad else None)
+        teacher_buffer, student_buffer = buffers if buffers is not None else (None, None)
         for start in range(0, num_tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h = student_hidden[rows]
-            teacher_logits = (_logits(teacher_hidden[rows], w_teacher, buffers[0] if buffers is not None else None)
-                              if w_teacher is not None else None)
+            teacher_logits = _logits(teacher_hidden[rows], w_teacher, teacher_buffer) if w_teacher is not None else None
             if teacher_logits is not None:
                 teacher_logits = softcapped(teacher_logits, teacher_softcap)
-            logits = _logits(h, w_student, buffers[1] if buffers is not None else None)
+            logits = _logits(h, w_student, student_buffer)
             if plain:
                 tanh = None
                 if student_softcap:
