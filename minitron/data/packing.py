@@ -59,6 +59,11 @@ def default_cache_root(cfg: DataConfig) -> Path:
     return Path(os.environ.get("MINITRON_CACHE", Path.home() / ".cache" / "minitron"))
 
 
+def digest_memo_dir(cfg: DataConfig) -> Path:
+    """Where file digests are memoised (corpus files, and the teacher's weights)."""
+    return default_cache_root(cfg) / "file-digests"
+
+
 def build_or_load(cfg: DataConfig, gang, seed: int = 0) -> PackedData:
     """The packed data for `cfg`. Rank 0 reads and tokenises while the other ranks wait; it
     broadcasts where the entries are (or the error it hit, so every rank fails with the same
@@ -87,8 +92,7 @@ def build_or_load(cfg: DataConfig, gang, seed: int = 0) -> PackedData:
 
 def prepare(cfg: DataConfig, seed: int) -> dict:
     """Build whatever cache entries are missing or damaged; return where the job's data is."""
-    root = default_cache_root(cfg)
-    memo = root / "file-digests"
+    root, memo = default_cache_root(cfg), digest_memo_dir(cfg)
     sources, val_source = training_sources(cfg), validation_source(cfg)
     fraction = 0.0 if val_source else cfg.val_fraction
     prints = [fingerprint(s, memo) for s in sources]

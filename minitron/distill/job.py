@@ -290,10 +290,11 @@ def cached_teacher(cfg, teacher_cfg, dtype, ds_config, data, vocab: int, gang, d
     """(the teacher cache, teacher_info) with every block this run reads cached: the teacher is
     loaded only when some are missing (or its validation loss is), fills them, and is released
     before training, which then runs without it."""
+    from minitron.data.packing import digest_memo_dir
     from minitron.prune.scores import teacher_hash
 
     d = cfg.distill
-    content = gang.broadcast_object(teacher_hash(cfg.teacher.path) if gang.rank == 0 else None)
+    content = gang.broadcast_object(teacher_hash(cfg.teacher.path, digest_memo_dir(cfg.data)) if gang.rank == 0 else None)
     cache = teacher_cache.TeacherCache(teacher_cache.cache_root(data.cache_dir, content, d.teacher_cache_k,
                                                                 d.teacher_cache_dtype), d.teacher_cache_k,
                                        d.teacher_cache_dtype)

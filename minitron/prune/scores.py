@@ -19,6 +19,8 @@ from typing import Dict, Iterable, Optional
 import numpy as np
 import torch
 
+from minitron.data.corpus import file_digest
+from minitron.data.packing import digest_memo_dir
 from minitron.eval.perplexity import evaluate
 from minitron.models.adapters import FamilyAdapter
 from minitron.models.build import head_dim_of
@@ -67,7 +69,7 @@ def load_or_score(cfg, teacher, adapter: FamilyAdapter, data, gang, device: torc
     block size in `block_sizes`."""
     p = cfg.prune
     rows = calibration_rows(len(data.train), p.calibration.num_samples, cfg.seed)
-    content_hash = teacher_hash(cfg.model.path)
+    content_hash = teacher_hash(cfg.model.path, digest_memo_dir(cfg.data))
     path = scores_path(cfg, content_hash, data.cache_dir, len(rows))
     cached = gang.broadcast_object(_read(path) if gang.rank == 0 else None)
     reused = cached is not None
@@ -107,17 +109,14 @@ def kept_for(imp: Importance, teacher: Shape, target: Shape, prune_cfg, seed: in
                        seed=seed if prune_cfg.importance.ranking == "random" else None)
 
 
-def teacher_hash(path: str) -> str:
-    """blake2b of the teacher's config and weight files: names the teacher in pruning.json and
-    keys the importance cache."""
+def teacher_hash(path: str, memo_dir: Path) -> str:
+    """A digest of the teacher's config and weight files: names the teacher in pruning.json and
+    keys the importance and teacher-output caches. Each file's digest is memoised by path, size
+    and mtime under `memo_dir`, so a 140 GB teacher is read once, not by every job and candidate."""
     h = hashlib.blake2b(digest_size=16)
     root = Path(path)
-    files = sorted([root / "config.json", *root.glob("*.safetensors"), *root.glob("*.bin")])
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
+    for f in sorted([root / "config.json", *root.glob("*.safetensors"), *root.glob("*.bin")]):
+        h.update(f"{f.name}\0{file_digest(f, memo_dir)}\0".encode())
     return h.hexdigest()
 
 

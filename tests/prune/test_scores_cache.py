@@ -79,3 +79,29 @@ def test_damaged_scores_are_recomputed_not_used(job, caplog, harm):
     assert again.reused is False
     assert_same_scores(first.cached, again.cached)
     assert score(job).reused is True  # the recomputed entry was written back whole
+
+
+def test_the_teacher_is_hashed_once_and_again_when_its_files_change(tmp_path):
+    """The teacher's digest is memoised per file by path, size and mtime: an unchanged teacher is not
+    re-read (proven by changing its bytes behind the memo's back), and a touched or replaced file
+    is hashed anew."""
+    teacher, memo = tmp_path / "teacher", tmp_path / "memo"
+    teacher.mkdir()
+    (teacher / "config.json").write_text('{"model_type": "llama"}')
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(b"\x01" * 4096)
+    first = scores.teacher_hash(str(teacher), memo)
+    assert len(list(memo.iterdir())) == 2
+
+    stamp = weights.stat()
+    weights.write_bytes(b"\x02" * 4096)  # same size; the mtime is put back, so the memo answers
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert scores.teacher_hash(str(teacher), memo) == first
+
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # touched: re-read, new bytes
+    changed = scores.teacher_hash(str(teacher), memo)
+    assert changed != first
+    weights.write_bytes(b"\x01" * 4096)
+    assert scores.teacher_hash(str(teacher), memo) == first  # the digest is of the content, not the stamp
+    (teacher / "model-2.safetensors").write_bytes(b"")
+    assert scores.teacher_hash(str(teacher), memo) != first  # a new weight file changes the teacher
