@@ -42,12 +42,14 @@ SETS = {
 CONFIGS = [  # (processes, distill keys)
     (1, ["deepspeed=zero0"]),
     (1, ["deepspeed=zero0", "train.activation_checkpointing=true"]),
+    (2, ["deepspeed=zero0"]),
     (1, ["deepspeed=zero1"]),
     (2, ["deepspeed=zero1"]),
     (2, ["deepspeed=zero2"]),
     (2, ["deepspeed=zero3"]),
     (2, ["deepspeed=zero3", "teacher.offload=cpu"]),
     (1, ["deepspeed=zero0", "train.precision=bf16"]),
+    (2, ["deepspeed=zero0", "train.precision=bf16"]),
     (2, ["deepspeed=zero3", "train.precision=bf16"]),
 ]
 PRUNE_CONFIGS = [

@@ -48,6 +48,10 @@ STUDENT_STATE_BYTES = {
     (0, "fp32"): (16, 0), (1, "fp32"): (11, 28), (2, "fp32"): (8, 28), (3, "fp32"): (14, 28),
     (0, "bf16"): (33, 0), (1, "bf16"): (6, 26), (2, "bf16"): (4, 26), (3, "bf16"): (9, 26),
 }
+# On top, at stage 0 with several processes: DeepSpeed's all-reduce copies the gradients into flat
+# buckets and back (5.2-5.4 bytes a parameter measured in fp32). In bf16 its optimizer's own flat
+# buffers already take that role, and the 33 above covers 2 processes too (0.95-1.00 measured).
+STAGE0_ALLREDUCE_BYTES = {"fp32": 5, "bf16": 0}
 LOGIT_CHUNK_BUFFERS = 6  # fp32 chunk x vocabulary tensors alive at once in the fused loss
 GPU_PREFETCH_ELEMENTS = 5e7  # DeepSpeed's stage3_prefetch_bucket_size default (off on the CPU)
 FORWARD_VALUES_PER_TOKEN = (6, 6)  # (x hidden, x FFN): one layer's no-grad forward with the importance hooks
@@ -114,6 +118,8 @@ def estimate(teacher: Optional[ModelFacts], student: ModelFacts, setup: Setup, w
     b = BYTES[setup.precision]
     tokens = micro_batch_size * seq_len
     whole, split = STUDENT_STATE_BYTES[(setup.zero_stage, setup.precision)]
+    if setup.zero_stage == 0 and world_size > 1:
+        whole += STAGE0_ALLREDUCE_BYTES[setup.precision]
     out = {"student_states": student.params * (whole + split / world_size)}
 
     per_token_layer = 6 * student.hidden + 2 * student.kv_dim + 4 * student.ffn

@@ -49,10 +49,11 @@ def common(pair, out, global_batch=4):
 @pytest.mark.parametrize("processes, keys", [
     (1, ["deepspeed=zero0"]),
     (1, ["deepspeed=zero0", "train.activation_checkpointing=true"]),
+    (2, ["deepspeed=zero0"]),
     (2, ["deepspeed=zero2"]),
     (2, ["deepspeed=zero3"]),
     (2, ["deepspeed=zero3", "teacher.offload=cpu"]),
-], ids=["zero0", "zero0-checkpointing", "zero2-2proc", "zero3-2proc", "zero3-2proc-offload"])
+], ids=["zero0", "zero0-checkpointing", "zero0-2proc", "zero2-2proc", "zero3-2proc", "zero3-2proc-offload"])
 def test_predicted_peaks_are_within_15_percent_of_measured(pair, corpus_dir, tmp_path, processes, keys):
     run_cli([*common(pair, tmp_path / "plan"), f"plan.processes={processes}", "plan.device=cpu", *keys],
             launcher=PLAN)
