@@ -294,7 +294,8 @@ def cached_teacher(cfg, teacher_cfg, dtype, ds_config, data, vocab: int, gang, d
     from minitron.prune.scores import teacher_hash
 
     d = cfg.distill
-    content = gang.broadcast_object(teacher_hash(cfg.teacher.path, digest_memo_dir(cfg.data)) if gang.rank == 0 else None)
+    content = gang.broadcast_object(
+        teacher_hash(cfg.teacher.path, digest_memo_dir(cfg.data)) if gang.rank == 0 else None)
     cache = teacher_cache.TeacherCache(teacher_cache.cache_root(data.cache_dir, content, d.teacher_cache_k,
                                                                 d.teacher_cache_dtype), d.teacher_cache_k,
                                        d.teacher_cache_dtype)
