@@ -41,9 +41,9 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         grad_weight = torch.zeros_like(student_weight)  # rows past vocab_size (padding) get none
         sums = torch.zeros(3, dtype=torch.float64, device=student_hidden.device)  # loss, kd, ce
         plain = is_plain_forward_kl(spec) and teacher_topk is None
-        buffers = (_cpu_chunk_buffers(student_hidden, teacher_hidden, min(chunk_tokens, num_tokens), vocab_size)
-                   if plain and kl_with_grad is forward_kl_with_grad else None)
-        teacher_buffer, student_buffer = buffers if buffers is not None else (None, None)
+        teacher_buffer, student_buffer = (
+            _cpu_chunk_buffers(student_hidden, teacher_hidden, min(chunk_tokens, num_tokens), vocab_size)
+            if plain and kl_with_grad is forward_kl_with_grad else (None, None))
         for start in range(0, num_tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h = student_hidden[rows]
@@ -143,14 +143,14 @@ def _log_softmax_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _cpu_chunk_buffers(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, rows: int,
-                       vocab_size: int) -> Optional[torch.Tensor]:
-    """[2, rows, vocab] float32 buffers for the chunks' two logits, when both models' hidden states
-    are float32 on a CPU; None elsewhere. On a CPU fresh [chunk x vocab] tensors for every chunk
+                       vocab_size: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Two [rows, vocab] float32 buffers (the teacher's chunk logits, the student's), when both models'
+    hidden states are float32 on a CPU; (None, None) elsewhere. On a CPU fresh [chunk x vocab] tensors for every chunk
     pay their page faults again each time (a fifth of the loss's time at a 128k vocabulary); a
     GPU's caching allocator already reuses them."""
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (student_hidden, teacher_hidden)):
-        return None
-    return torch.empty(2, rows, vocab_size)
+        return None, None
+    return torch.empty(rows, vocab_size), torch.empty(rows, vocab_size)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, buffer: Optional[torch.Tensor]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 from minitron.checks import check_train_config
 from minitron.config import ConfigError, DistillJobConfig
 from minitron.data.corpus import check_source
+from minitron.data.packing import digest_memo_dir
 from minitron.data.sampler import BlockSampler
 from minitron.data.tokenizer import check_tokenizer_files, load_tokenizer
 from minitron.distributed.engine import deepspeed_config, frozen_config, full_parameters, initialize, place_frozen
@@ -290,7 +291,6 @@ def cached_teacher(cfg, teacher_cfg, dtype, ds_config, data, vocab: int, gang, d
     """(the teacher cache, teacher_info) with every block this run reads cached: the teacher is
     loaded only when some are missing (or its validation loss is), fills them, and is released
     before training, which then runs without it."""
-    from minitron.data.packing import digest_memo_dir
     from minitron.prune.scores import teacher_hash
 
     d = cfg.distill
